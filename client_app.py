@@ -1,0 +1,117 @@
+"""ClientApp: benign or malicious local training, and local evaluation.
+
+Thin glue over the library: read the partition from the node config, train with
+`fmfl_flwr.training`, poison with `fmfl_flwr.attacks` when this client is malicious.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fmfl_flwr import attacks
+from fmfl_flwr.config import ExperimentConfig
+from fmfl_flwr.data import ImageDataset, load_dataset, to_float
+from fmfl_flwr.models import build_model
+from fmfl_flwr.partition import client_indices, partition_indices
+from fmfl_flwr.training import accuracy, default_device, train_epochs
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=2)
+def _dataset(name: str, data_dir: str) -> ImageDataset:
+    return load_dataset(name, data_dir)
+
+
+def _node(context: Context) -> tuple[int, int, str]:
+    """(partition-id, num-partitions, role); role '' means "decided by the run config"."""
+    node = context.node_config
+    try:
+        return int(node["partition-id"]), int(node["num-partitions"]), str(node.get("role", ""))
+    except KeyError as err:
+        raise ValueError(
+            f"node config lacks {err}; start the SuperNode with "
+            "--node-config \"partition-id=<i> num-partitions=<n>\""
+        ) from err
+
+
+def _is_malicious(config: ExperimentConfig, partition_id: int, num_partitions: int,
+                  role: str) -> tuple[bool, int, int]:
+    """(malicious?, rank among the malicious, number of malicious clients)."""
+    if role not in ("", "benign", "malicious"):
+        raise ValueError(f"node config role={role!r}; accepted: benign, malicious")
+    chosen = sorted(attacks.malicious_partitions(config, num_partitions))
+    if role:
+        malicious = role == "malicious" and config.client_attack != "none"
+        return malicious, partition_id, max(len(chosen), 1)
+    if partition_id in chosen:
+        return True, chosen.index(partition_id), len(chosen)
+    return False, -1, len(chosen)
+
+
+def _model(config: ExperimentConfig, dataset: ImageDataset, arrays: ArrayRecord):
+    model = build_model(config.model, config.dataset, dataset.num_classes, config.model_width)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    return model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local SGD for `local-epochs`; malicious clients poison and may boost their update."""
+    started = time.perf_counter()
+    config = ExperimentConfig.from_run_config(dict(context.run_config))
+    partition_id, num_partitions, role = _node(context)
+    server_round = int(msg.content["config"]["server-round"])
+    dataset = _dataset(config.dataset, config.data_dir)
+    idx = client_indices(dataset.train_y, partition_id, num_partitions, config.partition,
+                         config.dirichlet_alpha, config.public_fraction, config.seed)
+    images, labels = to_float(dataset.train_x[idx]), torch.as_tensor(dataset.train_y[idx])
+
+    malicious, rank, num_malicious = _is_malicious(config, partition_id, num_partitions, role)
+    attacking = malicious and attacks.attacks_in_round(config, server_round)
+    round_seed = config.seed * 1_000_003 + server_round * 1009 + partition_id
+    if attacking:
+        trigger = attacks.client_trigger(config, dataset.image_shape, rank, num_malicious)
+        images, labels, _ = attacks.poison_samples(images, labels, trigger, config.poison_ratio,
+                                                   config.target_label, round_seed)
+
+    model = _model(config, dataset, msg.content["arrays"])
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(round_seed)
+    loss = train_epochs(model, images, labels, config.local_epochs, config.batch_size,
+                        config.lr, round_seed, momentum=config.momentum,
+                        device=default_device())
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    if attacking and config.client_attack == "scaling":
+        boost = attacks.default_boost(config, num_partitions, num_malicious)
+        state = attacks.boost_update(global_state, state, boost, config.attack_norm_bound)
+
+    metrics = MetricRecord({
+        "num-examples": len(labels),
+        "train-loss": float(loss),
+        "train-time": time.perf_counter() - started,
+        "malicious": int(attacking),
+    })
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Accuracy on this client's share of the real test set (its "local test accuracy")."""
+    config = ExperimentConfig.from_run_config(dict(context.run_config))
+    partition_id, num_partitions, _ = _node(context)
+    dataset = _dataset(config.dataset, config.data_dir)
+    parts = partition_indices(dataset.test_y, config.partition, num_partitions,
+                              config.dirichlet_alpha, config.seed)
+    idx = np.asarray(parts[partition_id])
+    model = _model(config, dataset, msg.content["arrays"])
+    acc = accuracy(model, to_float(dataset.test_x[idx]), torch.as_tensor(dataset.test_y[idx]))
+    metrics = MetricRecord({"num-examples": len(idx), "local-acc": acc})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

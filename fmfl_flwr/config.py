@@ -1,0 +1,175 @@
+"""The experiment configuration: Flower's run config, typed and checked before any work.
+
+Keys are the run-config names (`num-server-rounds`); fields are the same in snake_case.
+Defaults here mirror `[tool.flwr.app.config]` in pyproject.toml, which is the default
+experiment. Every key is documented in README.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from fmfl_flwr.data import DATASETS
+from fmfl_flwr.models import MODELS
+from fmfl_flwr.partition import PARTITIONS
+
+FM_ATTACKS = ("none", "poisoned-pipeline", "poisoned-weights")
+CLIENT_ATTACKS = ("none", "badnets", "blended", "dba", "scaling")
+TRIGGER_NAMES = ("badnets", "blended", "dba", "image")
+
+
+class ConfigError(ValueError):
+    """A run-config key has a value the project cannot use."""
+
+
+def _choices(*values: str) -> dict[str, Any]:
+    return {"choices": values}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    # data and model
+    dataset: str = field(default="fashion-mnist", metadata=_choices(*DATASETS))
+    data_dir: str = ""
+    model: str = field(default="cnn", metadata=_choices(*MODELS))
+    model_width: int = field(default=64, metadata={"min": 1})
+    partition: str = field(default="iid", metadata=_choices(*PARTITIONS))
+    dirichlet_alpha: float = field(default=0.1, metadata={"min_exclusive": 0.0})
+    public_fraction: float = field(default=0.1, metadata={"min": 0.0, "max_exclusive": 1.0})
+    # federated learning
+    num_server_rounds: int = field(default=5, metadata={"min": 1})
+    fraction_train: float = field(default=1.0, metadata={"min_exclusive": 0.0, "max": 1.0})
+    fraction_evaluate: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})
+    min_replies: int = field(default=1, metadata={"min": 1})
+    local_epochs: int = field(default=1, metadata={"min": 1})
+    batch_size: int = field(default=32, metadata={"min": 1})
+    lr: float = field(default=0.05, metadata={"min_exclusive": 0.0})
+    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
+    seed: int = 0
+    round_timeout: float = field(default=3600.0, metadata={"min_exclusive": 0.0})
+    aggregation: str = "fedavg"  # checked against the strategy registry by the ServerApp
+    # FM-FL
+    fusion: bool = False
+    fm: str = ""
+    fm_steps: int = field(default=25, metadata={"min": 1})
+    syn_per_class: int = field(default=1000, metadata={"min": 1})
+    pretrain_epochs: int = field(default=2, metadata={"min": 0})
+    distill_epochs: int = field(default=1, metadata={"min": 0})
+    distill_alpha: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    distill_tau: float = field(default=2.0, metadata={"min_exclusive": 0.0})
+    distill_lr: float = field(default=0.01, metadata={"min_exclusive": 0.0})
+    distill_batch_size: int = field(default=64, metadata={"min": 1})
+    defense: str = "none"  # checked against the defense registry by the ServerApp
+    # threats
+    fm_attack: str = field(default="none", metadata=_choices(*FM_ATTACKS))
+    client_attack: str = field(default="none", metadata=_choices(*CLIENT_ATTACKS))
+    trigger: str = field(default="badnets", metadata=_choices(*TRIGGER_NAMES))
+    trigger_image: str = ""
+    malicious_fraction: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    malicious_clients: str = ""
+    poison_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    target_label: int = field(default=0, metadata={"min": 0, "max": 9})
+    attack_rounds: str = ""
+    boost: float = field(default=0.0, metadata={"min": 0.0})
+    attack_norm_bound: float = field(default=0.0, metadata={"min": 0.0})
+    # results
+    output_dir: str = ""
+    run_name: str = ""
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> ExperimentConfig:
+        """Parse and check every key; unknown keys and bad values raise ConfigError."""
+        by_key = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(run_config) - set(by_key))
+        if unknown:
+            raise ConfigError(f"unknown run-config keys {unknown}; accepted: {sorted(by_key)}")
+        values = {by_key[k].name: _coerce(k, v, by_key[k]) for k, v in run_config.items()}
+        config = cls(**values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_field(f.name.replace("_", "-"), getattr(self, f.name), f.metadata)
+        if self.partition == "dirichlet" and not math.isfinite(self.dirichlet_alpha):
+            raise ConfigError(f"dirichlet-alpha={self.dirichlet_alpha} must be finite")
+        if self.trigger == "image" and not self.trigger_image:
+            raise ConfigError("trigger='image' needs trigger-image=<path to an image file>")
+        parse_int_list("malicious-clients", self.malicious_clients)
+        parse_int_list("attack-rounds", self.attack_rounds)
+        if self.fm_attack != "none" and not self.fusion:
+            raise ConfigError(
+                f"fm-attack={self.fm_attack!r} needs fusion=true: the FM only reaches the "
+                "model through FM-FL pre-training and fusion"
+            )
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def resolved_run_name(self) -> str:
+        """The run folder's name: `run-name`, else one derived from the main settings."""
+        if self.run_name:
+            return self.run_name
+        threat = "-".join(a for a in (self.fm_attack, self.client_attack) if a != "none")
+        parts = [self.dataset, self.model, self.partition, self.aggregation,
+                 "fusion" if self.fusion else "", threat, self.defense if self.defense != "none"
+                 else "", f"seed{self.seed}"]
+        return "-".join(p for p in parts if p)
+
+
+def parse_int_list(key: str, text: str) -> list[int]:
+    """'1,3,5' or '2-4' (inclusive) or a mix; empty means none given."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        try:
+            if "-" in part:
+                low, high = (int(x) for x in part.split("-", 1))
+                out.extend(range(low, high + 1))
+            else:
+                out.append(int(part))
+        except ValueError as err:
+            raise ConfigError(f"{key}={text!r}: expected integers like '1,3' or '2-5'") from err
+    return out
+
+
+def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
+    kind = spec.type if isinstance(spec.type, type) else {"int": int, "float": float,
+                                                            "bool": bool, "str": str}[spec.type]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if kind is int:
+        if isinstance(value, bool) or not float(value).is_integer():
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{key}={value!r}: expected a number") from err
+    return str(value)
+
+
+def _check_field(key: str, value: Any, rules: dict[str, Any]) -> None:
+    if "choices" in rules and value not in rules["choices"]:
+        raise ConfigError(f"{key}={value!r} is not known; accepted: {', '.join(rules['choices'])}")
+    if "min" in rules and value < rules["min"]:
+        raise ConfigError(f"{key}={value!r} must be >= {rules['min']}")
+    if "max" in rules and value > rules["max"]:
+        raise ConfigError(f"{key}={value!r} must be <= {rules['max']}")
+    if "min_exclusive" in rules and value <= rules["min_exclusive"]:
+        raise ConfigError(f"{key}={value!r} must be > {rules['min_exclusive']}")
+    if "max_exclusive" in rules and value >= rules["max_exclusive"]:
+        raise ConfigError(f"{key}={value!r} must be < {rules['max_exclusive']}")

@@ -1,0 +1,68 @@
+"""Plain PyTorch training and inference loops shared by clients, server and benchmarks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def default_device() -> torch.device:
+    """The GPU when one is visible, else the CPU; never assume either."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def train_epochs(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    device: torch.device | None = None,
+) -> float:
+    """SGD over (images, labels) in seeded shuffled mini-batches; returns the mean loss."""
+    device = device or default_device()
+    model.to(device).train()
+    optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                                weight_decay=weight_decay)
+    generator = seeded_generator(seed)
+    total, count = 0.0, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            x, y = images[batch].to(device), labels[batch].to(device)
+            loss = F.cross_entropy(model(x), y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, batch_size: int = 1000,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Logits of `model` for every image, on the CPU."""
+    device = device or default_device()
+    model.to(device).eval()
+    outs = [model(images[i : i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(images), batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    if len(images) == 0:
+        return float("nan")
+    return (predict_logits(model, images).argmax(1) == labels).float().mean().item()

@@ -1,0 +1,143 @@
+"""FM-FL: any aggregation rule, then fusion and post-fusion defenses on the server.
+
+Wraps an inner Flower strategy (FedAvg, Krum, FLAME, ...). Each round it
+1. rejects broken replies (errors, missing keys, wrong shapes, NaN/Inf) so they are never
+   aggregated and never crash the server, and skips the update below `min_replies`;
+2. lets the inner rule aggregate what is left;
+3. runs the server-side steps on plain state dicts: FM-FL fusion (distil the client
+   ensemble into the aggregate on D_syn) and then the post-fusion hooks (defenses).
+Times of each phase and the count of rejected replies go into the round's metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+StateDict = dict[str, torch.Tensor]
+# (server_round, aggregate, client states, client weights) -> new global state
+ServerStep = Callable[[int, StateDict, list[StateDict], list[float]], StateDict]
+
+
+def reply_problem(content_arrays: ArrayRecord | None, reference: StateDict) -> str:
+    """Why a client's arrays cannot be aggregated, or '' when they can."""
+    if content_arrays is None:
+        return "no arrays"
+    try:
+        state = content_arrays.to_torch_state_dict()
+    except Exception as err:  # noqa: BLE001 - any decoding failure is a broken reply
+        return f"undecodable arrays ({err})"
+    missing = sorted(set(reference) - set(state))
+    extra = sorted(set(state) - set(reference))
+    if missing or extra:
+        return f"keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, ref in reference.items():
+        if state[key].shape != ref.shape:
+            return f"shape of {key} is {tuple(state[key].shape)}, expected {tuple(ref.shape)}"
+        if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
+            return f"non-finite values in {key}"
+    return ""
+
+
+class FMFLStrategy(Strategy):
+    """Inner aggregation rule plus server-side fusion and defense steps.
+
+    Parameters
+    ----------
+    inner : Strategy
+        The aggregation rule (any Flower strategy that aggregates ArrayRecords).
+    fusion : ServerStep, optional
+        FM-FL fusion; None for plain FL.
+    post_fusion : list of (name, ServerStep)
+        Defenses applied after fusion, in order.
+    min_replies : int
+        Fewer valid replies than this keep last round's global model.
+    """
+
+    def __init__(self, inner: Strategy, fusion: ServerStep | None = None,
+                 post_fusion: list[tuple[str, ServerStep]] | None = None,
+                 min_replies: int = 1) -> None:
+        self.inner = inner
+        self.fusion = fusion
+        self.post_fusion = post_fusion or []
+        self.min_replies = min_replies
+        self._sent: StateDict = {}
+        self.last_evaluate: MetricRecord | None = None
+        self.round_info: dict[int, dict[str, float]] = {}
+
+    def summary(self) -> None:
+        log(INFO, "\t├── FM-FL fusion: %s", "on" if self.fusion else "off")
+        log(INFO, "\t├── Post-fusion defenses: %s", [n for n, _ in self.post_fusion] or "none")
+        log(INFO, "\t└── Inner aggregation rule: %s", type(self.inner).__name__)
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._sent = arrays.to_torch_state_dict()
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def _valid_replies(self, replies: Iterable[Message]) -> tuple[list[Message], int]:
+        valid, rejected = [], 0
+        for msg in replies:
+            if msg.has_error():
+                rejected += 1
+                continue
+            problem = reply_problem(msg.content.array_records.get("arrays"), self._sent)
+            if not problem and "num-examples" not in msg.content.metric_records.get(
+                    "metrics", {}):
+                problem = "no num-examples metric"
+            if problem:
+                rejected += 1
+                log(WARNING, "Rejected reply from node %s: %s", msg.metadata.src_node_id,
+                    problem)
+            else:
+                valid.append(msg)
+        return valid, rejected
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, rejected = self._valid_replies(replies)
+        info = {"replies": float(len(valid)), "rejected-replies": float(rejected),
+                "aggregation-time": 0.0, "fusion-time": 0.0, "defense-time": 0.0}
+        self.round_info[server_round] = info
+        if len(valid) < self.min_replies:
+            log(WARNING, "Round %s: %s valid replies < min-replies %s; global model kept",
+                server_round, len(valid), self.min_replies)
+            return None, None
+        started = time.perf_counter()
+        arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        info["aggregation-time"] = time.perf_counter() - started
+        if metrics is not None:
+            info.update({f"client-{k}": float(v) for k, v in metrics.items()
+                         if k in ("train-time", "train-loss")})
+        if arrays is None:
+            return None, metrics
+        state = arrays.to_torch_state_dict()
+        if self.fusion or self.post_fusion:
+            clients = [m.content["arrays"].to_torch_state_dict() for m in valid]
+            weights = [float(m.content["metrics"]["num-examples"]) for m in valid]
+            if self.fusion:
+                started = time.perf_counter()
+                state = self.fusion(server_round, state, clients, weights)
+                info["fusion-time"] = time.perf_counter() - started
+            started = time.perf_counter()
+            for _, step in self.post_fusion:
+                state = step(server_round, state, clients, weights)
+            info["defense-time"] = time.perf_counter() - started
+        return ArrayRecord(state), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        self.last_evaluate = self.inner.aggregate_evaluate(server_round, replies)
+        return self.last_evaluate

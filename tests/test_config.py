@@ -1,0 +1,54 @@
+import pytest
+
+from fmfl_flwr.config import ConfigError, ExperimentConfig, parse_int_list
+
+
+def test_defaults_match_pyproject_run_config():
+    import tomllib
+    from conftest import REPO
+
+    app_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+        "config"]
+    assert sorted(app_config) == sorted(ExperimentConfig.keys())
+    assert ExperimentConfig.from_run_config(app_config).to_run_config() == app_config
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("dataset", "imagenet",
+         "dataset='imagenet' is not known; accepted: fashion-mnist, cifar10"),
+        ("partition", "foo", "partition='foo' is not known; accepted: iid, dirichlet"),
+        ("dirichlet-alpha", -0.5, "dirichlet-alpha=-0.5 must be > 0.0"),
+        ("model", "vgg", "model='vgg' is not known"),
+        ("fusion", "maybe", "fusion='maybe': expected true or false"),
+        ("num-server-rounds", 2.5, "num-server-rounds=2.5: expected an integer"),
+        ("client-attack", "trojan", "client-attack='trojan' is not known"),
+        ("attack-rounds", "a-b", "attack-rounds='a-b'"),
+    ],
+)
+def test_bad_values_name_key_value_and_choices(key, value, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        ExperimentConfig.from_run_config({key: value})
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ConfigError, match="unknown run-config keys \\['learning-rate'\\]"):
+        ExperimentConfig.from_run_config({"learning-rate": 0.1})
+
+
+def test_numbers_are_coerced():
+    config = ExperimentConfig.from_run_config({"lr": 1, "num-server-rounds": 3.0,
+                                               "fusion": "true"})
+    assert config.lr == 1.0 and isinstance(config.lr, float)
+    assert config.num_server_rounds == 3 and config.fusion is True
+
+
+def test_fm_attack_needs_fusion():
+    with pytest.raises(ConfigError, match="needs fusion=true"):
+        ExperimentConfig.from_run_config({"fm-attack": "poisoned-pipeline"})
+
+
+def test_int_lists():
+    assert parse_int_list("k", "1, 3-5,8") == [1, 3, 4, 5, 8]
+    assert parse_int_list("k", "") == []
