@@ -138,6 +138,6 @@ def _coerce(key: str, value: Any, default: ParamValue) -> ParamValue:
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not ok:
-        raise ValueError(f"{key}={value!r} must be a {kind.__name__}")
+        raise ValueError(f"{key}={value!r}: expected a value of type {kind.__name__}")
     coerced: ParamValue = value
     return coerced
