@@ -20,7 +20,9 @@ from fmfl_flwr.data import ImageDataset, load_dataset, to_float
 from fmfl_flwr.models import build_model
 from fmfl_flwr.partition import client_indices, partition_indices
 from fmfl_flwr.training import accuracy, default_device, train_epochs
+from strategies import aggregation_params
 
+AGGREGATION_KEYS = tuple(aggregation_params())
 app = ClientApp()
 
 
@@ -65,7 +67,7 @@ def _model(config: ExperimentConfig, dataset: ImageDataset, arrays: ArrayRecord)
 def train(msg: Message, context: Context) -> Message:
     """Local SGD for `local-epochs`; malicious clients poison and may boost their update."""
     started = time.perf_counter()
-    config = ExperimentConfig.from_run_config(dict(context.run_config))
+    config = ExperimentConfig.from_run_config(dict(context.run_config), AGGREGATION_KEYS)
     partition_id, num_partitions, role = _node(context)
     server_round = int(msg.content["config"]["server-round"])
     dataset = _dataset(config.dataset, config.data_dir)
@@ -105,7 +107,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Accuracy on this client's share of the real test set (its "local test accuracy")."""
-    config = ExperimentConfig.from_run_config(dict(context.run_config))
+    config = ExperimentConfig.from_run_config(dict(context.run_config), AGGREGATION_KEYS)
     partition_id, num_partitions, _ = _node(context)
     dataset = _dataset(config.dataset, config.data_dir)
     parts = partition_indices(dataset.test_y, config.partition, num_partitions,

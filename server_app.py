@@ -14,7 +14,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from strategies.registry import build_aggregation
 
 from fmfl_flwr import attacks
 from fmfl_flwr.config import ExperimentConfig
@@ -23,8 +22,10 @@ from fmfl_flwr.metrics import acc_and_asr
 from fmfl_flwr.models import build_model
 from fmfl_flwr.results import RunRecorder, resolve_output_dir
 from fmfl_flwr.summary import format_table, summarise
+from strategies import aggregation_params, build_aggregation
 from strategies.fmfl import FMFLStrategy
 
+AGGREGATION_KEYS = tuple(aggregation_params())
 app = ServerApp()
 
 
@@ -37,9 +38,9 @@ def seed_everything(seed: int) -> None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = ExperimentConfig.from_run_config(dict(context.run_config))
+    config = ExperimentConfig.from_run_config(dict(context.run_config), AGGREGATION_KEYS)
     inner = build_aggregation(
-        config.aggregation, dict(context.run_config),
+        config.aggregation, dict(context.run_config), seed=config.seed,
         fraction_train=config.fraction_train, fraction_evaluate=config.fraction_evaluate,
     )
     dataset = load_dataset(config.dataset, config.data_dir)

@@ -84,13 +84,19 @@ class ExperimentConfig:
         return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_run_config(cls, run_config: dict[str, Any]) -> ExperimentConfig:
-        """Parse and check every key; unknown keys and bad values raise ConfigError."""
+    def from_run_config(cls, run_config: dict[str, Any],
+                        extra_keys: tuple[str, ...] = ()) -> ExperimentConfig:
+        """Parse and check every key; unknown keys and bad values raise ConfigError.
+
+        `extra_keys` are keys that other components parse themselves (e.g. the
+        aggregation rules' own parameters); they are let through unchecked here.
+        """
         by_key = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(run_config) - set(by_key))
+        unknown = sorted(set(run_config) - set(by_key) - set(extra_keys))
         if unknown:
             raise ConfigError(f"unknown run-config keys {unknown}; accepted: {sorted(by_key)}")
-        values = {by_key[k].name: _coerce(k, v, by_key[k]) for k, v in run_config.items()}
+        values = {by_key[k].name: _coerce(k, v, by_key[k]) for k, v in run_config.items()
+                  if k in by_key}
         config = cls(**values)
         config.check()
         return config

@@ -5,12 +5,18 @@ from fmfl_flwr.config import ConfigError, ExperimentConfig, parse_int_list
 
 def test_defaults_match_pyproject_run_config():
     import tomllib
+
     from conftest import REPO
 
     app_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
         "config"]
-    assert sorted(app_config) == sorted(ExperimentConfig.keys())
-    assert ExperimentConfig.from_run_config(app_config).to_run_config() == app_config
+    from strategies import aggregation_params
+
+    rule_keys = aggregation_params()
+    assert sorted(app_config) == sorted([*ExperimentConfig.keys(), *rule_keys])
+    assert {k: app_config[k] for k in rule_keys} == rule_keys
+    parsed = ExperimentConfig.from_run_config(app_config, tuple(rule_keys))
+    assert parsed.to_run_config() == {k: v for k, v in app_config.items() if k not in rule_keys}
 
 
 @pytest.mark.parametrize(

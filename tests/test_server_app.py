@@ -1,0 +1,37 @@
+"""The ServerApp fails before round 1 on bad input, without touching the grid."""
+
+from unittest.mock import Mock
+
+import pytest
+from flwr.app import Context, RecordDict
+
+import server_app
+from fmfl_flwr.config import ConfigError
+from fmfl_flwr.data import DatasetNotFoundError
+
+
+def _run(run_config):
+    grid = Mock()
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=run_config)
+    with pytest.raises((ConfigError, DatasetNotFoundError, ValueError)) as err:
+        server_app.main(grid, context)
+    grid.send_and_receive.assert_not_called()
+    return str(err.value)
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ({"dataset": "imagenet"}, "dataset='imagenet' is not known; accepted: fashion-mnist"),
+    ({"partition": "foo"}, "partition='foo' is not known; accepted: iid, dirichlet"),
+    ({"dirichlet-alpha": -1.0}, "dirichlet-alpha=-1.0 must be > 0.0"),
+    ({"aggregation": "fedsgd"}, "aggregation='fedsgd' is not known; accepted: fedavg"),
+])
+def test_bad_values_fail_before_round_one(override, expected, tmp_path):
+    assert expected in _run({"output-dir": str(tmp_path), **override})
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_data_dir_fails_before_round_one(tmp_path):
+    message = _run({"data-dir": str(tmp_path / "no-data"), "output-dir": str(tmp_path / "out")})
+    assert "no-data" in message and "fashion-mnist" in message
+    assert not (tmp_path / "out").exists()
