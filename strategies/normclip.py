@@ -132,30 +132,34 @@ class WeakDP(DifferentialPrivacyServerSideFixedClipping):
         server_round: int,
         replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Clip, average and noise the floating-point arrays; average the integer ones."""
+        """Clip, average and noise the floating-point arrays; average the integer ones.
+
+        The replies are handed to Flower's wrapper with their floating-point arrays only
+        (it replaces them with clipped ones) and are restored as received afterwards.
+        """
         replies = list(replies)
         if not replies or any(msg.has_error() for msg in replies) or not self.current_arrays:
             return super().aggregate_train(server_round, replies)
         contents = [msg.content for msg in replies]
-        template = reply_arrays(contents)[0]
-        keys = float_keys(template)
-        others = apply_update(
-            self.current_arrays,
-            np.zeros(0),
-            reply_arrays(contents),
-            reply_weights(contents, cast(FedAvg, self.strategy).weighted_by_key),
-            keys=[],
-        )
-        for content in contents:
-            record_key = next(iter(content.array_records.keys()))
-            record = cast(ArrayRecord, content[record_key])
-            content[record_key] = ArrayRecord({k: record[k] for k in keys})
-        self.current_arrays = ArrayRecord({k: self.current_arrays[k] for k in keys})
+        record_key = next(iter(contents[0].array_records.keys()))
+        records = reply_arrays(contents)
+        keys = float_keys(records[0])
+        weights = reply_weights(contents, cast(FedAvg, self.strategy).weighted_by_key)
+        others = apply_update(self.current_arrays, np.zeros(0), records, weights, keys=[])
 
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        global_arrays = self.current_arrays
+        self.current_arrays = ArrayRecord({k: global_arrays[k] for k in keys})
+        for content, record in zip(contents, records, strict=True):
+            content[record_key] = ArrayRecord({k: record[k] for k in keys})
+        try:
+            arrays, metrics = super().aggregate_train(server_round, replies)
+        finally:
+            self.current_arrays = global_arrays
+            for content, record in zip(contents, records, strict=True):
+                content[record_key] = record
         if arrays is None:
             return None, metrics
-        return ArrayRecord({k: arrays[k] if k in keys else others[k] for k in template}), metrics
+        return ArrayRecord({k: arrays[k] if k in keys else others[k] for k in records[0]}), metrics
 
 
 def float_keys(arrays: ArrayRecord) -> list[str]:

@@ -98,6 +98,9 @@ class TestWeakDP:
         assert arrays is not None and list(arrays.keys()) == ["w", "n"]
         np.testing.assert_allclose(w, [1.825, 1.5])
         assert n == 29 and n.dtype == np.int64
+        received = replies[0].content["arrays"]  # left as received, for fusion and defenses
+        np.testing.assert_allclose(received["w"].numpy(), [4.0, 5.0])
+        assert received["n"].numpy() == 20
 
 
 class TestFlame:
