@@ -1,6 +1,7 @@
 """FLAME: Taming Backdoors in Federated Learning [Nguyen et al., USENIX Security 2022].
 
 Paper: www.usenix.org/conference/usenixsecurity22/presentation/nguyen
+(arxiv.org/abs/2101.02281)
 
 Three steps per round: HDBSCAN on the pairwise cosine distances of the updates keeps the
 majority cluster (``min_cluster_size = n // 2 + 1``); the admitted updates are clipped to
