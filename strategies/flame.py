@@ -56,7 +56,7 @@ class Flame(FedAvg):
 
     PARAMS: ClassVar[dict[str, float]] = {"flame-noise-lambda": 0.001}
 
-    def __init__(self, noise_lambda: float = 0.001, seed: int | None = None, **kwargs: Any):
+    def __init__(self, noise_lambda: float = 0.001, seed: int | None = None, **kwargs: Any) -> None:
         if noise_lambda < 0:
             raise ValueError(f"flame-noise-lambda must be non-negative, got {noise_lambda}")
         super().__init__(**kwargs)

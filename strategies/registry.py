@@ -132,12 +132,12 @@ def aggregation_params() -> dict[str, ParamValue]:
 def _coerce(key: str, value: Any, default: ParamValue) -> ParamValue:
     """`value` as the type of `default` (TOML gives `4` where `4.0` is meant)."""
     kind = type(default)
-    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if not ok:
-        raise ValueError(f"{key}={value!r}: expected a value of type {kind.__name__}")
-    coerced: ParamValue = value
-    return coerced
+    if isinstance(value, bool) == (kind is bool):
+        if kind is float and isinstance(value, int):
+            return float(value)
+        if kind is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, kind):
+            coerced: ParamValue = value
+            return coerced
+    raise ValueError(f"{key}={value!r}: expected a value of type {kind.__name__}")
