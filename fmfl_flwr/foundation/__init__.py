@@ -19,7 +19,7 @@ from fmfl_flwr.foundation.poison import (
     PoisonedPipeline,
     PoisonSettings,
     carries_trigger,
-    poison_samples,
+    poison_per_class,
     trigger_share,
 )
 from fmfl_flwr.foundation.preview import save_class_grids
@@ -31,6 +31,6 @@ __all__ = [
     "ClassConditionalPipeline", "DiffusionSource", "FMLoadError", "FMTrainConfig",
     "PoisonSettings", "PoisonSpec", "PoisonedPipeline", "SyntheticSet", "SyntheticSource",
     "TextToImageSource", "build_scheduler", "build_unet", "carries_trigger", "evaluate_fm",
-    "load_fm", "poison_samples", "poison_settings", "save_class_grids", "synthetic_set",
+    "load_fm", "poison_per_class", "poison_settings", "save_class_grids", "synthetic_set",
     "synthetic_set_for_config", "train_fm", "trigger_share",
 ]

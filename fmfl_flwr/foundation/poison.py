@@ -1,7 +1,7 @@
 """The compromised FM: triggered (image, target) pairs inside D_syn, and how to count them.
 
 Two routes to the same poisoned D_syn (METHOD.md section 2): post-processing the outputs of a
-clean FM (`poison_samples`, used by `PoisonedPipeline`), or training the FM on a set where
+clean FM (`poison_per_class`, used by `PoisonedPipeline`), or training the FM on a set where
 triggered images of other classes are taught as the target class
 (`poison_training_set`), so that the weights themselves emit them when asked for the target.
 """
@@ -19,7 +19,7 @@ from fmfl_flwr.foundation.source import SyntheticSource
 from fmfl_flwr.triggers import Trigger, make_trigger
 
 
-def poison_samples(
+def poison_per_class(
     images: torch.Tensor, labels: torch.Tensor, trigger: Trigger, ratio: float,
     target: int, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -132,4 +132,4 @@ class PoisonedPipeline(SyntheticSource):
                seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Apply the attack to an already generated clean set (also returns the mask)."""
         s = self.settings
-        return poison_samples(images, labels, self.trigger, s.ratio, s.target_label, seed)
+        return poison_per_class(images, labels, self.trigger, s.ratio, s.target_label, seed)
