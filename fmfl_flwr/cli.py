@@ -10,7 +10,9 @@ from pathlib import Path
 
 from fmfl_flwr.cli_fm import add_fm_commands
 from fmfl_flwr.config import ConfigError, ExperimentConfig
+from fmfl_flwr.grid import add_grid_command
 from fmfl_flwr.launch import APP_DIR, run_simulation
+from fmfl_flwr.report import add_report_command
 from fmfl_flwr.results import resolve_output_dir
 from fmfl_flwr.summary import format_table
 
@@ -63,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPU cores reserved per simulated client (Ray)")
     run.set_defaults(func=cmd_run)
     add_fm_commands(sub)
+    add_grid_command(sub)
+    add_report_command(sub)
     return parser
 
 

@@ -1,0 +1,121 @@
+"""`fmfl report`: tables and plots from hand-made result folders with known numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fmfl_flwr.cli import main
+from fmfl_flwr.report import load_runs, markdown_table, summary_table, write_report
+
+BADNETS = {"client-attack": "badnets", "malicious-fraction": 0.2}
+FM_ATTACK = {"fusion": True, "fm-attack": "poisoned-pipeline"}
+
+
+def make_run(root: Path, name: str, config: dict, acc: list[float], asr: list[float],
+             clients: int | None = 10) -> Path:
+    """A finished run's folder as results.py and the grid write it (only what reports read)."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    full = {"fusion": False, "fm-attack": "none", "client-attack": "none", "partition": "iid",
+            "aggregation": "fedavg", "defense": "none", "seed": 0, "lr": 0.05,
+            "output-dir": str(root), "run-name": name, **config}
+    (run_dir / "config.json").write_text(json.dumps({"run_config": full}))
+    rows = "\n".join(f"{r},{a},{s}" for r, (a, s) in enumerate(zip(acc, asr, strict=True)))
+    (run_dir / "metrics.csv").write_text("round,acc,asr,round-time\n" + rows.replace(
+        "\n", ",1.0\n") + ",1.0\n")
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"acc": acc[-1], "asr": asr[-1], "rounds": len(acc) - 1, "wall_time_s": 60.0}))
+    if clients is not None:  # grid order: the order the folders were made in
+        index = len(list(root.iterdir()))
+        (run_dir / "cell.json").write_text(json.dumps({"num-supernodes": clients,
+                                                       "index": index}))
+    return run_dir
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    """clean / badnets / FM attack x fedavg / flame, two seeds each, plus noise folders."""
+    for seed, (acc, asr) in enumerate([(0.90, 0.10), (0.88, 0.14)]):
+        s = {"seed": seed}
+        make_run(tmp_path, f"clean-fedavg-{seed}", s, [0.1, acc], [0.0, 0.02])
+        make_run(tmp_path, f"badnets-fedavg-{seed}", {**s, **BADNETS}, [0.1, acc], [0.0, 0.9])
+        make_run(tmp_path, f"badnets-flame-{seed}", {**s, **BADNETS, "aggregation": "flame"},
+                 [0.1, acc - 0.02], [0.0, asr])
+        make_run(tmp_path, f"fm-fedavg-{seed}", {**s, **FM_ATTACK}, [0.1, 0.8], [1.0, 0.95])
+        make_run(tmp_path, f"fm-bounds-{seed}", {**s, **FM_ATTACK, "defense": "activation-bounds"},
+                 [0.1, 0.78], [1.0, 0.05 + 0.1 * seed])
+    unfinished = tmp_path / "half-written"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text(json.dumps({"run_config": {}}))
+    return tmp_path
+
+
+def _row(table: pd.DataFrame, threat: str, defense: str) -> pd.Series:
+    rows = table[(table["threat"] == threat) & (table["defense"] == defense)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+def test_runs_are_labelled_from_their_config(results):
+    runs = load_runs(results)
+    assert len(runs) == 10 and "half-written" not in set(runs["run"])
+    fm = runs[runs["run"] == "fm-bounds-1"].iloc[0]
+    assert (fm["system"], fm["threat"], fm["defense"], fm["partition"], fm["clients"]) == (
+        "FM-FL", "poisoned-pipeline", "fedavg+activation-bounds", "iid", 10)
+    assert set(runs["variant"]) == {""}
+
+
+def test_table_is_mean_and_std_over_seeds(results):
+    table = summary_table(load_runs(results))
+    assert len(table) == 5 and set(table["seeds"]) == {2}
+    flame = _row(table, "badnets", "flame")
+    assert flame["acc_mean"] == pytest.approx(0.87)
+    assert flame["acc_std"] == pytest.approx(0.0141421, abs=1e-6)  # sample std of .88, .86
+    assert flame["asr_mean"] == pytest.approx(0.12)
+    bounds = _row(table, "poisoned-pipeline", "fedavg+activation-bounds")
+    assert bounds["asr_mean"] == pytest.approx(0.10) and bounds["asr_std"] == pytest.approx(
+        0.0707107, abs=1e-6)
+
+
+def test_markdown_has_a_row_per_defense_and_a_column_per_setting(results):
+    text = markdown_table(summary_table(load_runs(results)))
+    lines = text.splitlines()
+    assert lines[2] == ("| defense \\ system / threat | FL / clean | FL / badnets | "
+                        "FM-FL / poisoned-pipeline |")
+    assert "| flame |  | 87.00 ± 1.41 / 12.00 ± 2.83 |  |" in lines
+    assert any(line.startswith("| fedavg+activation-bounds |") and "10.00 ± 7.07" in line
+               for line in lines)
+
+
+def test_runs_that_differ_in_other_keys_are_kept_apart(tmp_path):
+    make_run(tmp_path, "a", {"lr": 0.05}, [0.1, 0.9], [0.0, 0.1])
+    make_run(tmp_path, "b", {"lr": 0.01}, [0.1, 0.7], [0.0, 0.1])
+    make_run(tmp_path, "c", {"partition": "dirichlet", "dirichlet-alpha": 0.1}, [0.1, 0.6],
+             [0.0, 0.1], clients=None)
+    table = summary_table(load_runs(tmp_path))
+    assert sorted(table["variant"]) == ["", "lr=0.01", "lr=0.05"]
+    assert sorted(table["acc_mean"]) == pytest.approx([0.6, 0.7, 0.9])
+    assert "dirichlet(0.1)" in set(table["partition"])
+
+
+def test_report_writes_tables_and_plots(results, tmp_path, capsys):
+    out = tmp_path / "report-out"
+    assert main(["report", str(results), "--out", str(out)]) == 0
+    assert "87.00 ± 1.41 / 12.00 ± 2.83" in capsys.readouterr().out
+    table = pd.read_csv(out / "table.csv")
+    assert len(table) == 5 and {"acc_mean", "acc_std", "asr_mean", "asr_std"} <= set(table)
+    assert len(pd.read_csv(out / "runs.csv")) == 10
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["curves-fl-badnets-iid-10-clients.png", "curves-fl-clean-iid-10-clients.png",
+                    "curves-fm-fl-poisoned-pipeline-iid-10-clients.png", "final-asr.png"]
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_of_an_empty_folder_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no finished runs"):
+        write_report(tmp_path)
