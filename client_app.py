@@ -15,14 +15,13 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fmfl_flwr import attacks
+from fmfl_flwr.app_config import parse_app_config
 from fmfl_flwr.config import ExperimentConfig
 from fmfl_flwr.data import ImageDataset, load_dataset, to_float
 from fmfl_flwr.models import build_model
 from fmfl_flwr.partition import client_indices, partition_indices
 from fmfl_flwr.training import accuracy, default_device, train_epochs
-from strategies import aggregation_params
 
-AGGREGATION_KEYS = tuple(aggregation_params())
 app = ClientApp()
 
 
@@ -67,7 +66,7 @@ def _model(config: ExperimentConfig, dataset: ImageDataset, arrays: ArrayRecord)
 def train(msg: Message, context: Context) -> Message:
     """Local SGD for `local-epochs`; malicious clients poison and may boost their update."""
     started = time.perf_counter()
-    config = ExperimentConfig.from_run_config(dict(context.run_config), AGGREGATION_KEYS)
+    config = parse_app_config(context.run_config)
     partition_id, num_partitions, role = _node(context)
     server_round = int(msg.content["config"]["server-round"])
     dataset = _dataset(config.dataset, config.data_dir)
@@ -104,10 +103,18 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server this node's partition, so it can sample reproducibly."""
+    partition_id, num_partitions, _ = _node(context)
+    metrics = MetricRecord({"partition-id": partition_id, "num-partitions": num_partitions})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Accuracy on this client's share of the real test set (its "local test accuracy")."""
-    config = ExperimentConfig.from_run_config(dict(context.run_config), AGGREGATION_KEYS)
+    config = parse_app_config(context.run_config)
     partition_id, num_partitions, _ = _node(context)
     dataset = _dataset(config.dataset, config.data_dir)
     parts = partition_indices(dataset.test_y, config.partition, num_partitions,

@@ -16,17 +16,24 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fmfl_flwr import attacks
+from fmfl_flwr.app_config import parse_app_config
+from fmfl_flwr.checkpoint import FILE as CHECKPOINT_FILE
+from fmfl_flwr.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
 from fmfl_flwr.config import ExperimentConfig
 from fmfl_flwr.data import load_dataset, to_float
+from fmfl_flwr.foundation import synthetic_set_for_config
+from fmfl_flwr.fusion import Fusion, FusionSettings, pretrain
 from fmfl_flwr.metrics import acc_and_asr
 from fmfl_flwr.models import build_model
 from fmfl_flwr.results import RunRecorder, resolve_output_dir
 from fmfl_flwr.summary import format_table, summarise
-from strategies import aggregation_params, build_aggregation
+from fmfl_flwr.training import train_epochs
+from strategies import build_aggregation
 from strategies.fmfl import FMFLStrategy
+from strategies.node_order import PartitionOrderedGrid, discover_partitions
 
-AGGREGATION_KEYS = tuple(aggregation_params())
 app = ServerApp()
+ROOT_SAMPLES = 1000  # FLTrust's root set: a small clean set in the paper (100-500)
 
 
 def seed_everything(seed: int) -> None:
@@ -36,44 +43,107 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def synthetic_data(config: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """D_syn from the FM when anything on the server uses it, else None."""
+    if not (config.fusion or config.aggregation == "fltrust"):
+        return None
+    syn = synthetic_set_for_config(config)
+    return syn.images, syn.labels
+
+
+def fltrust_root_update(config: ExperimentConfig, model_fn, syn_x: torch.Tensor,
+                        syn_y: torch.Tensor):
+    """FLTrust's server update: one epoch from the global model on a seeded D_syn subset."""
+    subset = torch.randperm(len(syn_x), generator=torch.Generator().manual_seed(config.seed))
+    subset = subset[:ROOT_SAMPLES]
+
+    def root_update(arrays: ArrayRecord) -> ArrayRecord:
+        model = model_fn()
+        start = arrays.to_torch_state_dict()
+        model.load_state_dict(start)
+        train_epochs(model, syn_x[subset], syn_y[subset], 1, config.batch_size, config.lr,
+                     config.seed, momentum=config.momentum)
+        trained = model.state_dict()
+        return ArrayRecord({k: (trained[k].cpu() - v) for k, v in start.items()
+                            if v.is_floating_point()})
+
+    return root_update
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = ExperimentConfig.from_run_config(dict(context.run_config), AGGREGATION_KEYS)
+    run_config = dict(context.run_config)
+    config = parse_app_config(run_config)
+    dataset = load_dataset(config.dataset, config.data_dir)
+    syn = synthetic_data(config)
+
+    def model_fn() -> torch.nn.Module:
+        return build_model(config.model, config.dataset, dataset.num_classes, config.model_width)
+
+    num_nodes = len(list(grid.get_node_ids()))
     inner = build_aggregation(
-        config.aggregation, dict(context.run_config), seed=config.seed,
+        config.aggregation, run_config, seed=config.seed,
+        num_sampled_clients=max(2, int(num_nodes * config.fraction_train)),
+        root_update_fn=fltrust_root_update(config, model_fn, *syn) if syn else None,
         fraction_train=config.fraction_train, fraction_evaluate=config.fraction_evaluate,
     )
-    dataset = load_dataset(config.dataset, config.data_dir)
     run_dir = resolve_output_dir(config.output_dir) / config.resolved_run_name()
-    log(INFO, "fmfl: results go to %s", run_dir)
+    resumed = load_checkpoint(run_dir, run_config)
+    log(INFO, "fmfl: results go to %s%s", run_dir,
+        f" (resuming after round {resumed['round']})" if resumed else "")
+    recorder = RunRecorder(run_dir, run_config, rows=resumed["rows"] if resumed else None)
 
     seed_everything(config.seed)
-    model = build_model(config.model, config.dataset, dataset.num_classes, config.model_width)
+    model = model_fn()
+    settings = FusionSettings(config.pretrain_epochs, config.distill_epochs,
+                              config.distill_alpha, config.distill_tau, config.distill_lr,
+                              config.distill_batch_size, config.seed)
+    pretrain_time = 0.0
+    if resumed:
+        model.load_state_dict(resumed["state"])
+        inner = resumed["rule"]
+        restore_rng_states(resumed["rng"])
+    elif config.fusion:
+        started = time.perf_counter()
+        pretrain(model, *syn, settings)
+        pretrain_time = time.perf_counter() - started
+    done = resumed["round"] if resumed else 0
+    strategy = FMFLStrategy(
+        inner, fusion=Fusion(model_fn, *syn, settings) if config.fusion else None,
+        min_replies=config.min_replies, round_offset=done,
+        partition_of=discover_partitions(grid, min_nodes=2, timeout=config.round_timeout))
     test_x, test_y = to_float(dataset.test_x), torch.as_tensor(dataset.test_y)
     trigger = attacks.evaluation_trigger(config, dataset.image_shape)
-    strategy = FMFLStrategy(inner, min_replies=config.min_replies)
-    recorder = RunRecorder(run_dir, config.to_run_config())
     round_started = time.perf_counter()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         nonlocal round_started
-        model.load_state_dict(arrays.to_torch_state_dict())
+        server_round += done
+        state = arrays.to_torch_state_dict()
+        if resumed and server_round == done:  # the checkpoint's round, already recorded
+            return MetricRecord({k: float(v) for k, v in recorder.rows[-1].items()})
+        model.load_state_dict(state)
         started = time.perf_counter()
         row = {"round": server_round, **acc_and_asr(model, test_x, test_y, trigger,
                                                     config.target_label)}
         row["eval-time"] = time.perf_counter() - started
         row["round-time"] = time.perf_counter() - round_started
+        if server_round == 0:
+            row["pretrain-time"] = pretrain_time
         row.update(strategy.round_info.get(server_round, {}))
         if server_round > 0 and strategy.last_evaluate is not None:
             row["client-acc"] = strategy.last_evaluate.get("local-acc", float("nan"))
+        # Checkpoint first: metrics.csv never shows a round the checkpoint lacks.
+        save_checkpoint(run_dir, server_round, state, [*recorder.rows, row], run_config,
+                        strategy.inner)
         recorder.log_round(row)
         round_started = time.perf_counter()
         return MetricRecord({k: float(v) for k, v in row.items()})
 
     result = strategy.start(
-        grid=grid,
+        grid=PartitionOrderedGrid(grid, strategy.partition_of),
         initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=config.num_server_rounds,
+        num_rounds=config.num_server_rounds - done,
         timeout=config.round_timeout,
         train_config=ConfigRecord({"lr": config.lr}),
         evaluate_fn=evaluate,
@@ -82,4 +152,5 @@ def main(grid: Grid, context: Context) -> None:
         model.state_dict()
     summary = summarise(recorder.rows)
     path = recorder.finish(final_state, summary)
+    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     log(INFO, "fmfl: results in %s\n%s", path, format_table([summary], ["acc", "asr"]))

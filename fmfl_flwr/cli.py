@@ -8,8 +8,9 @@ import sys
 import tomllib
 from pathlib import Path
 
+from fmfl_flwr.app_config import parse_app_config
 from fmfl_flwr.cli_fm import add_fm_commands
-from fmfl_flwr.config import ConfigError, ExperimentConfig
+from fmfl_flwr.config import ConfigError
 from fmfl_flwr.grid import add_grid_command
 from fmfl_flwr.launch import APP_DIR, run_simulation
 from fmfl_flwr.report import add_report_command
@@ -34,7 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """One Flower simulation run of the app, then its result table."""
     overrides = parse_overrides(args.run_config)
     full = {**_app_defaults(), **overrides}
-    config = ExperimentConfig.from_run_config(full)
+    config = parse_app_config(full)
     output = resolve_output_dir(config.output_dir)
     overrides["output-dir"] = str(output)
     code = run_simulation(overrides, num_supernodes=args.num_supernodes,

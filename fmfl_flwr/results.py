@@ -49,12 +49,14 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 class RunRecorder:
     """Writes one run's files under `<output-dir>/<run-name>/` as the run goes."""
 
-    def __init__(self, run_dir: Path, run_config: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, run_config: dict[str, Any],
+                 rows: list[dict[str, Any]] | None = None) -> None:
+        """`rows`: those of the run being resumed, kept as they were."""
         self.run_dir = run_dir
         self._archive_finished_run()
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.csv"
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[dict[str, Any]] = list(rows or [])
         self.started = time.time()
         write_json(run_dir / "config.json", {
             "run_config": run_config,

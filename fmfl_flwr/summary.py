@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 PHASES = {
+    "pretrain-time": "pretraining_s",
     "client-train-time": "client_training_s",
     "aggregation-time": "aggregation_s",
     "fusion-time": "fusion_s",

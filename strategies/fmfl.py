@@ -21,6 +21,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from strategies.node_order import partition_rank
+
 StateDict = dict[str, torch.Tensor]
 # (server_round, aggregate, client states, client weights) -> new global state
 ServerStep = Callable[[int, StateDict, list[StateDict], list[float]], StateDict]
@@ -59,15 +61,24 @@ class FMFLStrategy(Strategy):
         Defenses applied after fusion, in order.
     min_replies : int
         Fewer valid replies than this keep last round's global model.
+    partition_of : dict, optional
+        node id -> partition id; replies are aggregated in partition order, so the
+        floating-point sums do not depend on which client answered first.
+    round_offset : int
+        Rounds already done before this `start` (a resumed run): the inner rule and the
+        clients see the true round number.
     """
 
     def __init__(self, inner: Strategy, fusion: ServerStep | None = None,
                  post_fusion: list[tuple[str, ServerStep]] | None = None,
-                 min_replies: int = 1) -> None:
+                 min_replies: int = 1, partition_of: dict[int, int] | None = None,
+                 round_offset: int = 0) -> None:
         self.inner = inner
         self.fusion = fusion
         self.post_fusion = post_fusion or []
         self.min_replies = min_replies
+        self.partition_of = partition_of or {}
+        self.round_offset = round_offset
         self._sent: StateDict = {}
         self.last_evaluate: MetricRecord | None = None
         self.round_info: dict[int, dict[str, float]] = {}
@@ -81,7 +92,8 @@ class FMFLStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._sent = arrays.to_torch_state_dict()
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        return self.inner.configure_train(server_round + self.round_offset, arrays, config,
+                                          grid)
 
     def _valid_replies(self, replies: Iterable[Message]) -> tuple[list[Message], int]:
         valid, rejected = [], 0
@@ -99,10 +111,12 @@ class FMFLStrategy(Strategy):
                     problem)
             else:
                 valid.append(msg)
+        valid.sort(key=lambda m: partition_rank(self.partition_of, m.metadata.src_node_id))
         return valid, rejected
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         valid, rejected = self._valid_replies(replies)
         info = {"replies": float(len(valid)), "rejected-replies": float(rejected),
                 "aggregation-time": 0.0, "fusion-time": 0.0, "defense-time": 0.0}
@@ -111,6 +125,12 @@ class FMFLStrategy(Strategy):
             log(WARNING, "Round %s: %s valid replies < min-replies %s; global model kept",
                 server_round, len(valid), self.min_replies)
             return None, None
+        # Read the client models first: some of Flower's rules (FedMedian, FedTrimmedAvg)
+        # consume the replies' arrays while aggregating.
+        clients, weights = [], []
+        if self.fusion or self.post_fusion:
+            clients = [m.content["arrays"].to_torch_state_dict() for m in valid]
+            weights = [float(m.content["metrics"]["num-examples"]) for m in valid]
         started = time.perf_counter()
         arrays, metrics = self.inner.aggregate_train(server_round, valid)
         info["aggregation-time"] = time.perf_counter() - started
@@ -120,24 +140,23 @@ class FMFLStrategy(Strategy):
         if arrays is None:
             return None, metrics
         state = arrays.to_torch_state_dict()
-        if self.fusion or self.post_fusion:
-            clients = [m.content["arrays"].to_torch_state_dict() for m in valid]
-            weights = [float(m.content["metrics"]["num-examples"]) for m in valid]
-            if self.fusion:
-                started = time.perf_counter()
-                state = self.fusion(server_round, state, clients, weights)
-                info["fusion-time"] = time.perf_counter() - started
+        if self.fusion:
             started = time.perf_counter()
-            for _, step in self.post_fusion:
-                state = step(server_round, state, clients, weights)
-            info["defense-time"] = time.perf_counter() - started
+            state = self.fusion(server_round, state, clients, weights)
+            info["fusion-time"] = time.perf_counter() - started
+        started = time.perf_counter()
+        for _, step in self.post_fusion:
+            state = step(server_round, state, clients, weights)
+        info["defense-time"] = time.perf_counter() - started
         return ArrayRecord(state), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config,
+                                             grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        self.last_evaluate = self.inner.aggregate_evaluate(server_round, replies)
+        self.last_evaluate = self.inner.aggregate_evaluate(server_round + self.round_offset,
+                                                           replies)
         return self.last_evaluate

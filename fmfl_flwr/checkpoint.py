@@ -1,0 +1,57 @@
+"""Per-round checkpoints, so a killed server run resumes with the same final numbers.
+
+A checkpoint holds the global model after the last evaluated round, the rows written so
+far, every random-number state the server draws from, and the aggregation rule's own state
+(FoolsGold's history, say). It is replaced atomically after every round.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FILE = "checkpoint.pt"
+
+
+def rng_states() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state()}
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+
+
+def save_checkpoint(run_dir: Path, server_round: int, state: dict[str, torch.Tensor],
+                    rows: list[dict[str, Any]], run_config: dict[str, Any],
+                    rule: object) -> None:
+    payload = {"round": server_round, "state": state, "rows": rows, "rng": rng_states(),
+               "run_config": run_config, "rule": pickle.dumps(rule)}
+    tmp = run_dir / f"{FILE}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, run_dir / FILE)
+
+
+def load_checkpoint(run_dir: Path, run_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The unfinished run's checkpoint in `run_dir`, or None; refuses another config's."""
+    path = run_dir / FILE
+    if not path.exists() or (run_dir / "summary.json").exists():
+        return None
+    payload = torch.load(path, weights_only=False)
+    if payload["run_config"] != run_config:
+        changed = sorted(k for k in {*run_config, *payload["run_config"]}
+                         if run_config.get(k) != payload["run_config"].get(k))
+        raise ValueError(
+            f"{run_dir} holds an unfinished run with another configuration (differs in "
+            f"{changed}); give this run another run-name, or delete that folder to restart"
+        )
+    payload["rule"] = pickle.loads(payload["rule"])
+    return payload

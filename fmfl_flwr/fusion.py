@@ -1,0 +1,108 @@
+"""FM-FL on the server (METHOD.md 1): pre-training on D_syn, and ensemble distillation.
+
+Fusion distils the round's client models into the aggregate on the FM's synthetic set,
+FedDF-style (Lin et al. 2020; Li et al., arXiv 2401.10375, Eq. 1):
+
+    alpha * CE(G(x), y) + (1 - alpha) * tau^2 * KL(softmax(gbar(x)/tau) || softmax(G(x)/tau))
+
+with gbar the mean of the client models' logits. The KL is taken in the usual
+distillation direction (teacher first), as FedDF and Hinton et al. do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fmfl_flwr.training import default_device, predict_logits, seeded_generator, train_epochs
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FusionSettings:
+    pretrain_epochs: int = 2
+    epochs: int = 1
+    alpha: float = 0.5
+    tau: float = 2.0
+    lr: float = 0.001
+    batch_size: int = 64
+    seed: int = 0
+
+
+def pretrain(model: nn.Module, syn_x: torch.Tensor, syn_y: torch.Tensor,
+             settings: FusionSettings) -> None:
+    """Round-0 initialisation: plain supervised training on D_syn (SGD, momentum 0.9)."""
+    if settings.pretrain_epochs:
+        train_epochs(model, syn_x, syn_y, settings.pretrain_epochs, settings.batch_size,
+                     lr=0.05, seed=settings.seed)
+
+
+def ensemble_logits(model: nn.Module, client_states: list[StateDict],
+                    images: torch.Tensor) -> torch.Tensor:
+    """Mean logits of the client models on `images` (loaded one at a time into `model`)."""
+    total = None
+    for state in client_states:
+        model.load_state_dict(state)
+        logits = predict_logits(model, images)
+        total = logits if total is None else total + logits
+    return total / len(client_states)
+
+
+def distill(model: nn.Module, teacher_logits: torch.Tensor, syn_x: torch.Tensor,
+            syn_y: torch.Tensor, settings: FusionSettings, round_seed: int) -> float:
+    """Distil `teacher_logits` (and the synthetic labels) into `model` with Adam; mean loss."""
+    device = default_device()
+    model.to(device).train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    generator = seeded_generator(round_seed)
+    tau, alpha = settings.tau, settings.alpha
+    total, count = 0.0, 0
+    for _ in range(settings.epochs):
+        order = torch.randperm(len(syn_x), generator=generator)
+        for start in range(0, len(order), settings.batch_size):
+            batch = order[start : start + settings.batch_size]
+            x, y = syn_x[batch].to(device), syn_y[batch].to(device)
+            logits = model(x)
+            kl = F.kl_div(F.log_softmax(logits / tau, 1),
+                          F.softmax(teacher_logits[batch].to(device) / tau, 1),
+                          reduction="batchmean")
+            loss = alpha * F.cross_entropy(logits, y) + (1 - alpha) * tau**2 * kl
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+    return total / max(count, 1)
+
+
+class Fusion:
+    """The per-round fusion step for the FM-FL strategy (a `ServerStep`).
+
+    Keeps the round's client-ensemble logits on D_syn (`last_ensemble_logits`): the
+    activation-bounds defense uses them as its clean reference under the FM threat.
+    """
+
+    def __init__(self, model_fn: Callable[[], nn.Module], syn_x: torch.Tensor,
+                 syn_y: torch.Tensor, settings: FusionSettings) -> None:
+        self.model_fn = model_fn
+        self.syn_x, self.syn_y = syn_x, syn_y
+        self.settings = settings
+        self.last_ensemble_logits: torch.Tensor | None = None
+        self.last_loss = float("nan")
+
+    def __call__(self, server_round: int, state: StateDict, client_states: list[StateDict],
+                 weights: list[float]) -> StateDict:
+        model = self.model_fn()
+        self.last_ensemble_logits = ensemble_logits(model, client_states, self.syn_x)
+        if self.settings.epochs == 0:
+            return state
+        model.load_state_dict(state)
+        torch.manual_seed(self.settings.seed * 7919 + server_round)
+        self.last_loss = distill(model, self.last_ensemble_logits, self.syn_x, self.syn_y,
+                                 self.settings, self.settings.seed * 7919 + server_round)
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
