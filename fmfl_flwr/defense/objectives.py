@@ -1,0 +1,108 @@
+"""What the bounded model must reproduce on D_syn, and the penalties that shrink the bounds.
+
+Objectives (METHOD.md 3 and 7):
+
+- ``mm-bm``: fidelity to the fused model on every sample + c * sum_l ||Z_l||_2 (Wang et al.,
+  MM-BM). On a poisoned D_syn the poisoned share sits in the fidelity term and protects
+  the backdoor.
+- ``agree``: the same, fidelity only where the fused model and the pre-fusion client
+  ensemble agree.
+- ``ensemble-switch`` (default): fidelity to the fused logits where fused model and ensemble
+  agree, to the ensemble's logits where they disagree. Under the FM threat the ensemble is
+  clean and disagrees exactly on poisoned samples, so the bounds are pushed to undo the
+  backdoor there, not to keep it.
+- ``mmac``: fidelity on every sample + c * mean class-t margin of the bounded model on
+  inputs synthesised to maximise the original model's class-t margin (MMAC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+OBJECTIVES = ("mm-bm", "agree", "ensemble-switch", "mmac")
+NORMS = ("l2", "rms")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Per-sample fidelity targets on the defender's reference data.
+
+    `weights` scales each sample's fidelity term (0 excludes it); `keep` marks the samples
+    whose target is the fused model's own output, on which agreement measures collapse.
+    """
+
+    target_logits: torch.Tensor
+    weights: torch.Tensor
+    keep: torch.Tensor
+
+
+def fidelity_reference(
+    objective: str,
+    fused_logits: torch.Tensor,
+    ensemble_logits: torch.Tensor | None,
+    disagree_weight: float = 1.0,
+) -> Reference:
+    """Targets and weights of `objective`; without an ensemble every objective is MM-BM's."""
+    if objective not in OBJECTIVES:
+        raise ValueError(
+            f"bounds objective={objective!r} is not known; accepted: {', '.join(OBJECTIVES)}"
+        )
+    everyone = torch.ones(len(fused_logits), dtype=torch.bool)
+    if ensemble_logits is None or objective in ("mm-bm", "mmac"):
+        return Reference(fused_logits, everyone.float(), everyone)
+    agree = fused_logits.argmax(1) == ensemble_logits.argmax(1)
+    if objective == "agree":
+        return Reference(fused_logits, agree.float(), agree)
+    targets = torch.where(agree[:, None], fused_logits, ensemble_logits)
+    weights = torch.where(agree, 1.0, float(disagree_weight))
+    return Reference(targets, weights, agree)
+
+
+def fidelity_loss(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Weighted mean over samples of the logits' MSE to the targets."""
+    per_sample = (logits - targets).pow(2).mean(1)
+    return (weights * per_sample).sum() / weights.sum().clamp_min(1e-12)
+
+
+def norm_penalty(bounds: list[torch.Tensor], norm: str = "l2") -> torch.Tensor:
+    """sum_l ||Z_l||_2 (MM-BM); `rms` divides each by sqrt(numel) so wide layers do not rule."""
+    if norm not in NORMS:
+        raise ValueError(f"bounds norm={norm!r} is not known; accepted: {', '.join(NORMS)}")
+    terms = [z.norm() / (z.numel() ** 0.5 if norm == "rms" else 1.0) for z in bounds]
+    return torch.stack(terms).sum()
+
+
+def class_margin(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """f_t(x) - max_{k != t} f_k(x) per sample."""
+    own = logits.gather(1, classes[:, None]).squeeze(1)
+    others = logits.scatter(1, classes[:, None], float("-inf")).amax(1)
+    return own - others
+
+
+def margin_inputs(
+    model: nn.Module,
+    image_shape: tuple[int, ...],
+    num_classes: int,
+    per_class: int,
+    steps: int,
+    seed: int,
+    lr: float = 0.05,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MMAC's probes: per class, images in [0, 1] optimised from noise to max its margin."""
+    generator = torch.Generator().manual_seed(seed)
+    classes = torch.arange(num_classes).repeat_interleave(per_class)
+    images = torch.rand((len(classes), *image_shape), generator=generator).requires_grad_()
+    optimiser = torch.optim.Adam([images], lr=lr)
+    for _ in range(steps):
+        loss = -class_margin(model(images), classes).mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        with torch.no_grad():
+            images.clamp_(0, 1)
+    return images.detach(), classes

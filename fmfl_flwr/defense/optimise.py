@@ -1,0 +1,265 @@
+"""Fit the activation bounds Z of a bounded model on reference data, weights frozen.
+
+Adam over Z only (clamped at 0), fidelity to the objective's targets plus c times a
+penalty (see `objectives`). The penalty weight c adapts to what the defender can see:
+the bounded model's agreement with the fused model on the `keep` samples (those whose
+target is the fused model's own output). High agreement pushes harder (c *= c_up); a
+collapse below `collapse_agreement` halves c at once and restores the last good bounds;
+the zone between backs off slowly. Agreement on samples where the ensemble overrules
+the fused model never lowers c, so keeping the backdoor is never rewarded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fmfl_flwr.defense.bounds import (
+    BOUND_BUFFER,
+    bound_shape,
+    bounded_layers,
+    bounds_disabled,
+    set_bounds,
+)
+from fmfl_flwr.defense.objectives import (
+    Reference,
+    class_margin,
+    fidelity_loss,
+    fidelity_reference,
+    margin_inputs,
+    norm_penalty,
+)
+from fmfl_flwr.training import predict_logits, seeded_generator
+
+GRANULARITIES = ("channel", "layer")
+
+
+@dataclass
+class BoundSettings:
+    """Every knob of the bound optimisation; defaults measured in bench/defense_pilot.py."""
+
+    objective: str = "ensemble-switch"
+    granularity: str = "channel"  # "channel": [C,1,1] / [F]; "layer": one scalar per layer
+    init: str = "quantile"  # "quantile" of each channel's per-sample peak, or "constant"
+    init_quantile: float = 0.99
+    init_value: float = 8.0  # the constant init (MM-BM)
+    lr: float = 0.1
+    batch_size: int = 200
+    epochs: int = 20
+    max_samples: int = 2000  # random subset of the reference data per call (cost)
+    c0: float = 0.5
+    c_up: float = 1.2
+    target_agreement: float = 0.95
+    collapse_agreement: float = 0.9
+    patience: int = 2  # checks with the norm shrinking < min_delta before stopping early
+    min_delta: float = 0.01
+    norm: str = "l2"
+    disagree_weight: float = 1.0
+    margin_per_class: int = 30  # mmac probes
+    margin_steps: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"bounds granularity={self.granularity!r} is not known; "
+                f"accepted: {', '.join(GRANULARITIES)}"
+            )
+        if self.init not in ("quantile", "constant"):
+            raise ValueError(
+                f"bounds init={self.init!r} is not known; accepted: quantile, constant"
+            )
+
+
+@torch.no_grad()
+def quantile_bounds(
+    model: nn.Module,
+    images: torch.Tensor,
+    quantile: float,
+    granularity: str = "channel",
+    batch_size: int = 500,
+) -> dict[str, torch.Tensor]:
+    """Bounds at the `quantile` of each channel's per-sample peak activation (unbounded).
+
+    Starts Z where it already binds a little, so the fidelity term has gradient at once
+    (with Z above every activation only the penalty moves it).
+    """
+    layers = bounded_layers(model)
+    peaks: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str):
+        def record(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            shapes[name] = bound_shape(output)
+            peaks[name].append(output.flatten(2).amax(2) if output.dim() > 2 else output)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with bounds_disabled(model):
+            predict_logits(model, images, batch_size, device=torch.device("cpu"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for name, chunks in peaks.items():
+        peak = torch.cat(chunks)
+        if granularity == "layer":
+            value = torch.quantile(peak.flatten(), quantile).reshape(())
+        else:
+            value = torch.quantile(peak, quantile, dim=0).reshape(shapes[name])
+        out[f"{name}.{BOUND_BUFFER}"] = value.clamp_min(1e-3)
+    return out
+
+
+def _initial_bounds(
+    model: nn.Module,
+    images: torch.Tensor,
+    settings: BoundSettings,
+    warm_start: dict[str, torch.Tensor] | None,
+) -> tuple[dict, str]:
+    shaped = quantile_bounds(model, images[:500], settings.init_quantile, settings.granularity)
+    if warm_start is not None and all(
+        k in warm_start and warm_start[k].shape == v.shape for k, v in shaped.items()
+    ):
+        return {k: warm_start[k].clone() for k in shaped}, "warm"
+    if settings.init == "constant":
+        return {k: torch.full_like(v, settings.init_value) for k, v in shaped.items()}, "constant"
+    return quantile_bounds(model, images, settings.init_quantile, settings.granularity), "quantile"
+
+
+def _agreement(model: nn.Module, images: torch.Tensor, reference: Reference) -> tuple[float, float]:
+    """(agreement on keep samples, agreement with the overruling targets elsewhere)."""
+    predicted = predict_logits(model, images, device=torch.device("cpu")).argmax(1)
+    hits = predicted == reference.target_logits.argmax(1)
+    rest = ~reference.keep & (reference.weights > 0)
+    kept = hits[reference.keep].float().mean().item() if reference.keep.any() else 1.0
+    fixed = hits[rest].float().mean().item() if rest.any() else float("nan")
+    return kept, fixed
+
+
+def optimise_bounds(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    ensemble_logits: torch.Tensor | None = None,
+    settings: BoundSettings | None = None,
+    warm_start: dict[str, torch.Tensor] | None = None,
+    c: float | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Fit the bounds of an already bounded `model` (see `attach_bounds`) on the reference.
+
+    `images`/`labels` are D_syn (or clean data for the oracle), `ensemble_logits` the
+    pre-fusion client ensemble's logits on the same images; `warm_start` and `c` carry
+    last round's bounds and penalty. The model ends with the returned bounds set. Its
+    weights are never changed. Returns (bounds keyed as in the state dict, stats).
+    """
+    settings = settings or BoundSettings()
+    started = time.perf_counter()
+    layers = bounded_layers(model)
+    if not layers:
+        raise ValueError("the model has no bounds; call attach_bounds(model) first")
+    del labels  # the synthetic labels may be poisoned: the targets come from the models
+    model.eval()
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    generator = seeded_generator(settings.seed)
+    if len(images) > settings.max_samples:
+        subset = torch.randperm(len(images), generator=generator)[: settings.max_samples]
+        images = images[subset]
+        ensemble_logits = None if ensemble_logits is None else ensemble_logits[subset]
+    with bounds_disabled(model):
+        fused_logits = predict_logits(model, images, device=torch.device("cpu"))
+        probes = None
+        if settings.objective == "mmac":
+            num_classes = fused_logits.shape[1]
+            probes = margin_inputs(
+                model,
+                tuple(images.shape[1:]),
+                num_classes,
+                settings.margin_per_class,
+                settings.margin_steps,
+                settings.seed,
+            )
+    reference = fidelity_reference(
+        settings.objective, fused_logits, ensemble_logits, settings.disagree_weight
+    )
+    initial, init_kind = _initial_bounds(model, images, settings, warm_start)
+    z = {k: v.clone().requires_grad_() for k, v in initial.items()}
+    for key, value in z.items():
+        layers[key.rsplit(".", 1)[0]].act_bound = value
+    optimiser = torch.optim.Adam(list(z.values()), lr=settings.lr)
+    c = settings.c0 if c is None else c
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in z.items()}
+
+    kept, fixed = _agreement(model, images, reference)
+    good = snapshot() if kept >= settings.target_agreement else None
+    best = (kept, snapshot())
+    previous_norm = norm_penalty(list(z.values()), settings.norm).item()
+    quiet, epochs_run = 0, 0
+    for _ in range(settings.epochs):
+        epochs_run += 1
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(order), settings.batch_size):
+            batch = order[start : start + settings.batch_size]
+            loss = fidelity_loss(
+                model(images[batch]), reference.target_logits[batch], reference.weights[batch]
+            )
+            if probes is None:
+                loss = loss + c * norm_penalty(list(z.values()), settings.norm)
+            else:
+                loss = loss + c * class_margin(model(probes[0]), probes[1]).mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            with torch.no_grad():
+                for value in z.values():
+                    value.clamp_(min=0)
+        kept, fixed = _agreement(model, images, reference)
+        if kept > best[0]:
+            best = (kept, snapshot())
+        if kept < settings.collapse_agreement:
+            c *= 0.5
+            restore = good if good is not None else best[1]
+            with torch.no_grad():
+                for key, value in z.items():
+                    value.copy_(restore[key])
+            quiet = 0
+            continue
+        if kept >= settings.target_agreement:
+            good = snapshot()
+            c *= settings.c_up
+        else:
+            c /= settings.c_up
+        norm = norm_penalty(list(z.values()), settings.norm).item()
+        shrink = (previous_norm - norm) / max(previous_norm, 1e-12)
+        previous_norm = norm
+        quiet = (
+            quiet + 1 if kept >= settings.target_agreement and shrink < settings.min_delta else 0
+        )
+        if quiet >= settings.patience:
+            break
+    final = good if good is not None else best[1]
+    set_bounds(model, final)
+    for p, flag in frozen:
+        p.requires_grad_(flag)
+    kept, fixed = _agreement(model, images, reference)
+    stats = {
+        "time": time.perf_counter() - started,
+        "epochs": float(epochs_run),
+        "c": c,
+        "agreement": kept,
+        "overruled-agreement": fixed,
+        "overruled-share": float((~reference.keep).float().mean()),
+        "samples": float(len(images)),
+        "warm-start": float(init_kind == "warm"),
+        "bound-norm": norm_penalty(list(final.values()), settings.norm).item(),
+    }
+    return final, stats

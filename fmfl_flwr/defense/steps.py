@@ -1,0 +1,185 @@
+"""Post-fusion defense steps with the FM-FL strategy's signature, and their registry.
+
+A step is called as `step(server_round, global_state, client_states, client_weights)`
+and returns the global state with bounds set (weights untouched). It keeps last round's
+bounds and penalty c as its warm start. Plain tensors in and out: Flower is not needed.
+
+    step = make_defense("activation-bounds", lambda: build_model("cnn", "fashion-mnist"),
+                        syn_x, syn_y, BoundSettings())
+    state = step(server_round, fused_state, client_states, client_weights)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from fmfl_flwr.defense.bounds import attach_bounds, ensure_bounds_for_state
+from fmfl_flwr.defense.optimise import BoundSettings, optimise_bounds
+from fmfl_flwr.defense.pruning import prune_dormant
+from fmfl_flwr.registry import Registry
+from fmfl_flwr.training import predict_logits
+
+StateDict = dict[str, torch.Tensor]
+ServerStep = Callable[[int, StateDict, list[StateDict], list[float]], StateDict]
+
+DEFENSES = Registry("defense")
+DEFENSES.add("none", None)
+
+
+def load_bounded(build_model: Callable[[], nn.Module], state: StateDict) -> nn.Module:
+    """A fresh model carrying `state`, bounds included where the state has them."""
+    model = ensure_bounds_for_state(build_model(), state)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def ensemble_logits(
+    build_model: Callable[[], nn.Module], client_states: list[StateDict], images: torch.Tensor
+) -> torch.Tensor:
+    """Mean of the client models' logits (FedDF's teacher), each as served (bounds on)."""
+    logits = [
+        predict_logits(load_bounded(build_model, s), images, device=torch.device("cpu"))
+        for s in client_states
+    ]
+    return torch.stack(logits).mean(0)
+
+
+class BoundsStep:
+    """Fit activation bounds after fusion; `use_ensemble` False gives plain MM-BM/MMAC."""
+
+    def __init__(
+        self,
+        build_model: Callable[[], nn.Module],
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        settings: BoundSettings,
+        layers: list[str] | None = None,
+        use_ensemble: bool = True,
+    ) -> None:
+        self.build_model = build_model
+        self.images, self.labels = images, labels
+        self.settings = settings
+        self.layers = layers
+        self.use_ensemble = use_ensemble
+        self.last_bounds: StateDict | None = None
+        self.last_c: float | None = None
+        self.history: list[dict[str, float]] = []
+
+    def __call__(
+        self,
+        server_round: int,
+        global_state: StateDict,
+        client_states: list[StateDict],
+        client_weights: list[float],
+    ) -> StateDict:
+        started = time.perf_counter()
+        model = attach_bounds(load_bounded(self.build_model, global_state), self.layers)
+        # One seeded subset per round: the ensemble's logits are only needed there.
+        generator = torch.Generator().manual_seed(self.settings.seed + server_round)
+        subset = torch.randperm(len(self.images), generator=generator)[: self.settings.max_samples]
+        images, labels = self.images[subset], self.labels[subset]
+        teacher = (
+            ensemble_logits(self.build_model, client_states, images)
+            if self.use_ensemble and client_states
+            else None
+        )
+        bounds, stats = optimise_bounds(
+            model, images, labels, teacher, self.settings, self.last_bounds, self.last_c
+        )
+        self.last_bounds, self.last_c = bounds, stats["c"]
+        stats["step-time"] = time.perf_counter() - started
+        self.history.append({"round": float(server_round), **stats})
+        return dict(model.state_dict())
+
+
+class PruningStep:
+    """Fine-Pruning's mask on the last conv ReLU, refitted every round."""
+
+    def __init__(
+        self,
+        build_model: Callable[[], nn.Module],
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        max_drop: float = 0.04,
+        max_samples: int = 2000,
+        seed: int = 0,
+    ) -> None:
+        self.build_model = build_model
+        self.images, self.labels = images, labels
+        self.max_drop, self.max_samples, self.seed = max_drop, max_samples, seed
+        self.history: list[dict[str, float]] = []
+
+    def __call__(
+        self,
+        server_round: int,
+        global_state: StateDict,
+        client_states: list[StateDict],
+        client_weights: list[float],
+    ) -> StateDict:
+        model = load_bounded(self.build_model, global_state)
+        bounds, stats = prune_dormant(
+            model,
+            self.images,
+            self.labels,
+            self.max_drop,
+            max_samples=self.max_samples,
+            seed=self.seed + server_round,
+        )
+        self.history.append({"round": float(server_round), **stats})
+        return dict(model.state_dict())
+
+
+@DEFENSES.register("activation-bounds")
+def _activation_bounds(build_model, syn_x, syn_y, settings, **_) -> ServerStep:
+    return BoundsStep(build_model, syn_x, syn_y, settings)
+
+
+@DEFENSES.register("mm-bm")
+def _mm_bm(build_model, syn_x, syn_y, settings, **_) -> ServerStep:
+    return BoundsStep(build_model, syn_x, syn_y, _with(settings, "mm-bm"), use_ensemble=False)
+
+
+@DEFENSES.register("mmac")
+def _mmac(build_model, syn_x, syn_y, settings, **_) -> ServerStep:
+    return BoundsStep(build_model, syn_x, syn_y, _with(settings, "mmac"), use_ensemble=False)
+
+
+@DEFENSES.register("clean-bounds-oracle")
+def _oracle(build_model, syn_x, syn_y, settings, clean_x=None, clean_y=None, **_) -> ServerStep:
+    if clean_x is None or clean_y is None:
+        raise ValueError("defense=clean-bounds-oracle needs clean held-out images (clean_x)")
+    return BoundsStep(build_model, clean_x, clean_y, _with(settings, "mm-bm"), use_ensemble=False)
+
+
+@DEFENSES.register("pruning")
+def _pruning(build_model, syn_x, syn_y, settings, **_) -> ServerStep:
+    return PruningStep(
+        build_model, syn_x, syn_y, max_samples=settings.max_samples, seed=settings.seed
+    )
+
+
+def _with(settings: BoundSettings, objective: str) -> BoundSettings:
+    return replace(settings, objective=objective)
+
+
+def make_defense(
+    name: str,
+    build_model: Callable[[], nn.Module],
+    syn_x: torch.Tensor,
+    syn_y: torch.Tensor,
+    settings: BoundSettings | None = None,
+    clean_x: torch.Tensor | None = None,
+    clean_y: torch.Tensor | None = None,
+) -> ServerStep | None:
+    """The post-fusion step called `name` (None for "none"); a wrong name lists the valid."""
+    factory = DEFENSES.get(name)
+    if factory is None:
+        return None
+    return factory(
+        build_model, syn_x, syn_y, settings or BoundSettings(), clean_x=clean_x, clean_y=clean_y
+    )

@@ -1,0 +1,183 @@
+"""Activation bounds on tiny models: exactness, state round trip, optimisation, pruning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fmfl_flwr.defense import (
+    DEFENSES,
+    UNBOUNDED,
+    BoundSettings,
+    BoundsStep,
+    attach_bounds,
+    bound_keys,
+    bounded_layers,
+    ensure_bounds_for_state,
+    get_bounds,
+    make_defense,
+    optimise_bounds,
+    prune_dormant,
+    quantile_bounds,
+    set_bounds,
+    strip_bounds,
+)
+from fmfl_flwr.defense.objectives import fidelity_reference
+from fmfl_flwr.models import build_model
+from fmfl_flwr.training import train_epochs
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    )
+
+
+def task(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class = which third of the 8x8 image is bright, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    images = torch.rand((n, 1, 8, 8), generator=g) * 0.3
+    for k in range(3):
+        images[labels == k, :, :, k * 2 : k * 2 + 3] += 0.7
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model = tiny()
+    images, labels = task()
+    train_epochs(model, images, labels, 5, 32, 0.05, 0, device=torch.device("cpu"))
+    return model.eval(), images, labels
+
+
+@pytest.mark.parametrize("name", ["tiny", "cnn", "resnet18"])
+@pytest.mark.parametrize("value", [float("inf"), UNBOUNDED])
+def test_unbounded_model_is_bit_identical(name: str, value: float) -> None:
+    torch.manual_seed(0)
+    model = tiny() if name == "tiny" else build_model(name, "fashion-mnist", width=8)
+    x = torch.rand(4, 1, 8, 8) if name == "tiny" else torch.rand(4, 1, 28, 28)
+    model.eval()
+    before = model(x)
+    relus = sum(isinstance(m, nn.ReLU) for m in model.modules())
+    attach_bounds(model, value=value)
+    assert len(bounded_layers(model)) == relus
+    assert torch.equal(model(x), before)
+
+
+def test_bounds_clip_exactly_where_set() -> None:
+    model = attach_bounds(tiny(), ["1"]).eval()
+    x = torch.rand(5, 1, 8, 8)
+    pre = model[0](x).relu()
+    bound = torch.full((4, 1, 1), UNBOUNDED)
+    bound[2] = 0.1
+    set_bounds(model, {"1.act_bound": bound})
+    out = model[1](model[0](x))
+    assert torch.equal(out[:, 2], pre[:, 2].clamp(max=0.1))
+    assert torch.equal(out[:, [0, 1, 3]], pre[:, [0, 1, 3]])
+    assert out[:, 2].max() <= 0.1 < pre[:, 2].max()
+
+
+def test_state_dict_round_trip_carries_bounds() -> None:
+    from flwr.app import ArrayRecord
+
+    model = attach_bounds(tiny()).eval()
+    set_bounds(model, {"1.act_bound": torch.full((4, 1, 1), 0.2), "4.act_bound": torch.rand(16)})
+    state = ArrayRecord(model.state_dict()).to_torch_state_dict()
+    assert sorted(bound_keys(state)) == ["1.act_bound", "4.act_bound"]
+    fresh = ensure_bounds_for_state(tiny(), state)
+    fresh.load_state_dict(state)
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(fresh.eval()(x), model(x))
+    assert set(strip_bounds(state)) == set(tiny().state_dict())
+    plain = tiny()
+    assert ensure_bounds_for_state(plain, strip_bounds(state)) is plain
+    assert not bounded_layers(plain)
+
+
+def test_attach_rejects_unknown_layers() -> None:
+    with pytest.raises(ValueError, match="not ReLU modules"):
+        attach_bounds(tiny(), ["0"])
+
+
+def test_switch_objective_targets_the_ensemble_where_models_disagree() -> None:
+    fused = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    ensemble = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    ref = fidelity_reference("ensemble-switch", fused, ensemble, disagree_weight=3.0)
+    assert torch.equal(ref.target_logits, torch.stack([fused[0], ensemble[1], fused[2]]))
+    assert ref.keep.tolist() == [True, False, True]
+    assert ref.weights.tolist() == [1.0, 3.0, 1.0]
+    assert fidelity_reference("agree", fused, ensemble).weights.tolist() == [1.0, 0.0, 1.0]
+    assert fidelity_reference("mm-bm", fused, ensemble).keep.all()
+    with pytest.raises(ValueError, match="ensemble-switch"):
+        fidelity_reference("nope", fused, ensemble)
+
+
+def test_optimisation_shrinks_bounds_and_keeps_agreement(trained) -> None:
+    model, images, labels = trained
+    bounded = attach_bounds(tiny())
+    bounded.load_state_dict(model.state_dict(), strict=False)
+    weights = {k: v.clone() for k, v in bounded.state_dict().items() if "act_bound" not in k}
+    settings = BoundSettings(
+        objective="mm-bm", init="constant", epochs=15, batch_size=100, lr=0.5, patience=100
+    )
+    bounds, stats = optimise_bounds(bounded, images, labels, settings=settings)
+    start = sum(torch.full_like(v, 8.0).norm() for v in bounds.values())
+    assert stats["bound-norm"] < 0.75 * start
+    assert stats["agreement"] >= settings.target_agreement
+    assert all(torch.equal(bounded.state_dict()[k], v) for k, v in weights.items())
+    assert all(torch.equal(get_bounds(bounded)[k], v) for k, v in bounds.items())
+
+
+def test_warm_start_uses_previous_bounds(trained) -> None:
+    model, images, labels = trained
+    bounded = attach_bounds(tiny())
+    bounded.load_state_dict(model.state_dict(), strict=False)
+    previous = {k: v * 1.5 for k, v in quantile_bounds(bounded, images, 0.99).items()}
+    settings = BoundSettings(epochs=0)
+    bounds, stats = optimise_bounds(bounded, images, labels, settings=settings, warm_start=previous)
+    assert stats["warm-start"] == 1.0
+    assert all(torch.equal(bounds[k], v) for k, v in previous.items())
+
+
+def test_bounds_step_warm_starts_across_rounds(trained) -> None:
+    model, images, labels = trained
+    step = make_defense(
+        "activation-bounds", tiny, images, labels, BoundSettings(epochs=2, max_samples=300)
+    )
+    assert isinstance(step, BoundsStep)
+    state = model.state_dict()
+    new = step(1, state, [state, state], [1.0, 1.0])
+    assert len(bound_keys(new)) == 2
+    assert all(torch.equal(new[k], state[k]) for k in state)
+    step(2, new, [new], [1.0])
+    assert [h["warm-start"] for h in step.history] == [0.0, 1.0]
+
+
+def test_pruning_masks_dormant_channels(trained) -> None:
+    model, images, labels = trained
+    model = tiny().eval()
+    model.load_state_dict(trained[0].state_dict())
+    with torch.no_grad():
+        model[0].bias[[1, 3]] = -100.0  # channels 1 and 3 never fire
+    bounds, stats = prune_dormant(model, images, labels, max_drop=0.0)
+    mask = bounds["1.act_bound"].flatten()
+    assert mask[[1, 3]].tolist() == [0.0, 0.0]
+    assert stats["pruned"] >= 2
+    assert stats["baseline"] - stats["agreement"] <= 0.0
+
+
+def test_registry_error_lists_names() -> None:
+    assert {"none", "activation-bounds", "clean-bounds-oracle", "pruning"} <= set(DEFENSES.names())
+    assert make_defense("none", tiny, torch.zeros(1), torch.zeros(1)) is None
+    with pytest.raises(ValueError, match="activation-bounds.*pruning"):
+        make_defense("nope", tiny, torch.zeros(1), torch.zeros(1))
+    with pytest.raises(ValueError, match="clean"):
+        make_defense("clean-bounds-oracle", tiny, torch.zeros(1), torch.zeros(1))
