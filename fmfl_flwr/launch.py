@@ -7,15 +7,19 @@ run's; the SuperLink and everything under it is stopped by PID when the run ends
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
+
+from fmfl_flwr.secure import Security, public_key
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -94,42 +98,137 @@ def run_simulation(run_config: dict[str, Any], num_supernodes: int = 10,
 
 def run_deployment(run_config: dict[str, Any], node_configs: list[str], workdir: Path,
                    app_dir: Path = APP_DIR, env: dict[str, str] | None = None,
-                   log_path: Path | None = None) -> int:
+                   log_path: Path | None = None, security: Security | None = None) -> int:
     """A real SuperLink and one SuperNode per node config, as separate loopback processes.
 
-    Returns `flwr run`'s exit code; every process started here is stopped by PID.
+    With `security` every link uses TLS and the SuperLink admits only SuperNodes whose
+    public key was registered; the i-th SuperNode registers and signs with
+    `security.node_keys[i]`. Returns `flwr run`'s exit code; every process started here is
+    stopped by PID.
     """
-    workdir = Path(workdir).resolve()
-    flwr_home = workdir / "flwr-home"
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    (flwr_home / "config.toml").write_text(
-        '[superlink]\ndefault = "deployment"\n\n[superlink.deployment]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    overrides = flwr_home / "run-config.toml"
-    overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
-    full_env = {**os.environ, **FLOWER_ENV, **(env or {}), "FLWR_HOME": str(flwr_home)}
-    bin_dir = Path(sys.executable).parent
-    log = open(log_path or workdir / "deployment.log", "a")  # noqa: SIM115 - closed below
-    processes = [subprocess.Popen(
-        [str(bin_dir / "flower-superlink"), "--insecure", "--port", str(port),
-         "--database", str(workdir / "state.db")],
-        env=full_env, stdout=log, stderr=subprocess.STDOUT)]
-    try:
-        for node_config in node_configs:
-            processes.append(subprocess.Popen(
-                [str(bin_dir / "flower-supernode"), "--insecure", "--superlink",
-                 f"127.0.0.1:{port}", "--port", str(free_port()), "--node-config", node_config],
-                env=full_env, stdout=log, stderr=subprocess.STDOUT))
-        command = [str(bin_dir / "flwr"), "run", str(app_dir), "deployment",
-                   "--run-config", str(overrides), "--stream"]
-        return subprocess.run(command, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                              check=False).returncode
-    finally:
-        for process in processes:
+    with Deployment(workdir, env=env, log_path=log_path, security=security) as deployment:
+        keys: list[Path | None] = [None] * len(node_configs)
+        if security is not None:
+            if len(security.node_keys) < len(node_configs):
+                raise ValueError(f"{len(node_configs)} SuperNodes need as many keys; "
+                                 f"security has {len(security.node_keys)}")
+            keys = list(security.node_keys[:len(node_configs)])
+            for key in keys:
+                deployment.register(public_key(key))
+        for node_config, key in zip(node_configs, keys, strict=True):
+            deployment.start_supernode(node_config, key)
+        return deployment.flwr_run(run_config, app_dir)
+
+
+class Deployment:
+    """A SuperLink on a free loopback port, its SuperNodes and the flwr CLI pointed at it.
+
+    A context manager so that tests and launchers can do steps one by one (register a key,
+    start a node, look at the node list) and still stop every process by PID at the end.
+    The CLI connection is called "deployment" in `<workdir>/flwr-home/config.toml`.
+    """
+
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None,
+                 log_path: Path | None = None, security: Security | None = None) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.flwr_home = self.workdir / "flwr-home"
+        self.log_path = Path(log_path or self.workdir / "deployment.log")
+        self.security = security
+        self.port = free_port()
+        self.env = {**os.environ, **FLOWER_ENV, **(env or {}), "FLWR_HOME": str(self.flwr_home)}
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self._bin = Path(sys.executable).parent
+        self._log: IO[str] | None = None
+
+    def __enter__(self) -> Deployment:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        transport = self.security.connection_lines() if self.security else "insecure = true\n"
+        (self.flwr_home / "config.toml").write_text(
+            '[superlink]\ndefault = "deployment"\n\n[superlink.deployment]\n'
+            f'address = "127.0.0.1:{self.port}"\n{transport}'
+        )
+        self._log = open(self.log_path, "a")  # noqa: SIM115 - closed in __exit__
+        try:
+            self.superlink = self._start(
+                ["flower-superlink", "--port", str(self.port),
+                 "--database", str(self.workdir / "state.db"),
+                 *(self.security.superlink_args() if self.security else ["--insecure"])])
+            self.wait_until_listening()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for process in reversed(self.processes):
             stop_process_tree(process.pid)
-        log.close()
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def _start(self, command: list[str]) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen([str(self._bin / command[0]), *command[1:]], env=self.env,
+                                   stdout=self._log, stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        return process
+
+    def wait_until_listening(self, timeout: float = 120.0) -> None:
+        """Block until the SuperLink accepts connections (the CLI does not retry)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.superlink.poll() is not None:
+                raise RuntimeError(f"SuperLink exited with {self.superlink.returncode}; "
+                                   f"see {self.log_path}")
+            with socket.socket() as sock:
+                sock.settimeout(1.0)
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"SuperLink not listening on port {self.port} after {timeout} s")
+
+    def start_supernode(self, node_config: str, private_key: Path | None = None,
+                        max_wait_s: float | None = None) -> subprocess.Popen[bytes]:
+        """One SuperNode with its own runtime port; `max_wait_s` bounds its reconnect tries."""
+        args = self.security.supernode_args(private_key) if self.security else ["--insecure"]
+        if max_wait_s is not None:
+            args += ["--max-wait-time", str(max_wait_s)]
+        return self._start(["flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
+                            "--port", str(free_port()), "--node-config", node_config, *args])
+
+    def flwr(self, *args: str, timeout: float | None = None
+             ) -> subprocess.CompletedProcess[str]:
+        """The flwr CLI against this deployment, output captured."""
+        return subprocess.run([str(self._bin / "flwr"), *args], env=self.env, text=True,
+                              capture_output=True, check=False, timeout=timeout)
+
+    def register(self, public_key_path: Path) -> int:
+        """`flwr supernode register`: admit the SuperNode holding this key; its node id."""
+        result = self.flwr("supernode", "register", str(public_key_path), "deployment",
+                           "--format", "json", timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"flwr supernode register failed: {result.stdout}{result.stderr}")
+        return int(_last_json(result.stdout)["node-id"])
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """`flwr supernode list`: the SuperNodes the SuperLink knows, with their status."""
+        result = self.flwr("supernode", "list", "deployment", "--format", "json", timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"flwr supernode list failed: {result.stdout}{result.stderr}")
+        return list(_last_json(result.stdout)["nodes"])
+
+    def flwr_run(self, run_config: dict[str, Any], app_dir: Path = APP_DIR) -> int:
+        """`flwr run <app_dir> deployment --stream` with `run_config` overrides; exit code."""
+        overrides = self.flwr_home / "run-config.toml"
+        overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
+        command = [str(self._bin / "flwr"), "run", str(app_dir), "deployment",
+                   "--run-config", str(overrides), "--stream"]
+        return subprocess.run(command, env=self.env, stdout=self._log,
+                              stderr=subprocess.STDOUT, check=False).returncode
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    """The JSON object the flwr CLI prints with --format json (after any banner lines)."""
+    return json.loads(text[text.index("{"):])
 
 
 def stop_process_tree(pid: int) -> None:
