@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import functools
 import itertools
 import json
@@ -29,6 +30,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable
@@ -47,6 +49,7 @@ PATH_KEYS = ("data-dir", "fm", "trigger-image")
 TOP_LEVEL = ("base", "grid", NUM_SUPERNODES, "cpus-per-client", "description")
 STATUS_FILE = "grid-status.csv"
 CELL_FILE = "cell.json"
+TIMEOUT_EXIT = 124  # as coreutils' timeout
 
 
 class Runner(Protocol):
@@ -75,8 +78,11 @@ class GridSpec:
     cpus_per_client: int = 1
 
 
-def load_grid(path: Path) -> GridSpec:
-    """Read and expand a grid file; every problem is a ConfigError naming the key."""
+def load_grid(path: Path, overrides: dict[str, Any] | None = None) -> GridSpec:
+    """Read and expand a grid file; every problem is a ConfigError naming the key.
+
+    `overrides` (`--set`) win over the file everywhere, e.g. one round for a smoke test.
+    """
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -87,13 +93,17 @@ def load_grid(path: Path) -> GridSpec:
         raise ConfigError(f"grid file {path}: unknown top-level keys {unknown}; "
                           f"accepted: {', '.join(TOP_LEVEL)}")
     cells = expand(data.get("base", {}), data.get("grid", {}),
-                   int(data.get(NUM_SUPERNODES, 10)))
+                   int(data.get(NUM_SUPERNODES, 10)), overrides)
     return GridSpec(path, cells, int(data.get("cpus-per-client", 1)))
 
 
-def expand(base: dict[str, Any], grid: dict[str, list[Any]],
-           num_supernodes: int = 10) -> list[Cell]:
+def expand(base: dict[str, Any], grid: dict[str, list[Any]], num_supernodes: int = 10,
+           overrides: dict[str, Any] | None = None) -> list[Cell]:
     """The cross product of `grid`'s lists over `base`, in file order, each cell named."""
+    overrides = overrides or {}
+    for key in SET_BY_GRID:
+        if key in overrides:
+            raise ConfigError(f"--set {key}: set by the grid itself (use --out)")
     for key in (*SET_BY_GRID, NUM_SUPERNODES):
         if key in base:
             where = "top level or [grid]" if key == NUM_SUPERNODES else "the grid (--out)"
@@ -110,6 +120,7 @@ def expand(base: dict[str, Any], grid: dict[str, list[Any]],
         for key, value in zip(grid, combo, strict=True):
             labels[key] = _label(key, value)
             settings.update(_settings(key, value))
+        settings.update(overrides)
         clients = int(settings.pop(NUM_SUPERNODES, num_supernodes))
         run_config = {k: _absolute_path(k, v) for k, v in settings.items()}
         name = "-".join(labels.values()) or "run"
@@ -188,16 +199,35 @@ def check_finished_match(out: Path, cells: list[Cell]) -> None:
 
 
 def flower_runner(run_config: dict[str, Any], num_supernodes: int, flwr_home: Path,
-                  log_path: Path, cpus_per_client: int = 1) -> int:
-    """One `flwr run` in a fresh Flower home; leftovers of a killed grid are stopped first."""
+                  log_path: Path, cpus_per_client: int = 1, timeout_s: float = 0.0) -> int:
+    """One `flwr run` in a fresh Flower home; leftovers of a killed grid are stopped first.
+
+    A run past `timeout_s` (0: no limit) is stopped, so one hung cell cannot hold the grid.
+    """
     stop_processes_under(str(flwr_home))
     shutil.rmtree(flwr_home, ignore_errors=True)
+    finished, fired = threading.Event(), threading.Event()
+
+    def watchdog() -> None:  # keeps stopping until the run returns: processes start late
+        if not finished.wait(timeout_s):
+            fired.set()
+            while not finished.wait(1.0):
+                stop_processes_under(str(flwr_home))
+
+    if timeout_s > 0:
+        threading.Thread(target=watchdog, daemon=True).start()
     try:
-        return run_simulation(run_config, num_supernodes=num_supernodes,
+        code = run_simulation(run_config, num_supernodes=num_supernodes,
                               cpus_per_client=cpus_per_client, flwr_home=flwr_home,
                               log_path=log_path)
     finally:
+        finished.set()
         shutil.rmtree(flwr_home, ignore_errors=True)
+    if fired.is_set():  # the killed `flwr run` may have been reaped with status 0
+        with open(log_path, "a") as log:
+            log.write(f"\nfmfl grid: stopped after the cell timeout of {timeout_s:g} s\n")
+        return TIMEOUT_EXIT
+    return code
 
 
 def run_grid(cells: list[Cell], out: Path, runner: Runner = flower_runner,
@@ -295,22 +325,31 @@ def default_out(source: Path) -> Path:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     """Run every cell of a grid file as one Flower simulation; finished cells are skipped."""
-    spec = load_grid(Path(args.file))
+    try:
+        overrides = tomllib.loads("\n".join(args.set))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"--set {args.set}: expected key=value in TOML ({err})") from err
+    spec = load_grid(Path(args.file), overrides)
     out = Path(args.out).resolve() if args.out else default_out(spec.source)
+    cells = [c for c in spec.cells if not args.only
+             or any(fnmatch.fnmatchcase(c.name, pattern) for pattern in args.only)]
+    if not cells:
+        raise ConfigError(f"--only {args.only}: no cell matches; --dry-run lists them")
     if args.dry_run:
-        validate(spec.cells)
-        check_finished_match(out, spec.cells)
-        for index, cell in enumerate(spec.cells, 1):
+        validate(cells)
+        check_finished_match(out, cells)
+        for index, cell in enumerate(cells, 1):
             state = "finished" if is_finished(out, cell) else "to run"
             values = " ".join(f"{k}={v!r}" for k, v in cell.run_config.items())
-            print(f"[{index}/{len(spec.cells)}] {cell.name} ({state}, "
+            print(f"[{index}/{len(cells)}] {cell.name} ({state}, "
                   f"{cell.num_supernodes} supernodes): {values}")
         return 0
     # `kill` (SIGTERM) unwinds like Ctrl-C, so the running cell's Flower processes stop
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    runner = functools.partial(flower_runner, cpus_per_client=spec.cpus_per_client)
+    runner = functools.partial(flower_runner, cpus_per_client=spec.cpus_per_client,
+                               timeout_s=args.cell_timeout)
     try:
-        statuses = run_grid(spec.cells, out, runner)
+        statuses = run_grid(cells, out, runner)
     except KeyboardInterrupt:
         print(f"\ngrid: interrupted; run the same command again to resume in {out}",
               file=sys.stderr)
@@ -332,6 +371,14 @@ def add_grid_command(subparsers: argparse._SubParsersAction) -> None:
     grid.add_argument("--out", default="",
                       help="results folder (default: $FMFL_OUTPUT_DIR or ./results, then the "
                            "file's stem)")
+    grid.add_argument("--only", action="append", default=[], metavar="PATTERN",
+                      help="run only the cells whose name matches this glob (repeatable)")
+    grid.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a run-config key in every cell, TOML value as in "
+                           "flwr run --run-config: --set num-server-rounds=1 (repeatable)")
+    grid.add_argument("--cell-timeout", type=float, default=0.0, metavar="SECONDS",
+                      help="stop a cell running longer than this and record it failed "
+                           "(default 0: no limit)")
     grid.add_argument("--dry-run", action="store_true",
                       help="check every cell and list them with their state; run nothing")
     grid.set_defaults(func=cmd_grid)

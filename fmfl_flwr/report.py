@@ -49,6 +49,7 @@ def load_runs(folder: Path) -> pd.DataFrame:
             "acc": float(summary["acc"]), "asr": float(summary["asr"]),
             "rounds": int(summary.get("rounds", 0)),
             "wall_time_s": float(summary.get("wall_time_s", float("nan"))),
+            "note": check_phases(config, summary.get("phases_s", {})),
             "config": json.dumps({k: v for k, v in sorted(config.items())
                                   if k not in IGNORED}, default=str),
         })
@@ -76,6 +77,20 @@ def describe(config: dict[str, Any]) -> dict[str, str]:
             "partition": partition, "defense": defense}
 
 
+def check_phases(config: dict[str, Any], phases: dict[str, float]) -> str:
+    """Flag a run whose config asks for fusion or a defense that took no time at all.
+
+    An app that accepts a key but does not act on it yet would otherwise fill the table
+    with undefended numbers under a defense's name.
+    """
+    notes = []
+    if str(config.get("fusion", False)).lower() == "true" and phases.get("fusion_s") == 0:
+        notes.append("fusion did not run")
+    if config.get("defense", "none") != "none" and phases.get("defense_s") == 0:
+        notes.append(f"defense {config['defense']} did not run")
+    return "; ".join(notes)
+
+
 def _variants(runs: pd.DataFrame) -> pd.Series:
     """Keys that tell apart runs the other columns would lump together (e.g. `lr=0.01`)."""
     configs = runs["config"].map(json.loads)
@@ -99,7 +114,9 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     table = grouped.agg(acc_mean=("acc", "mean"), acc_std=("acc", "std"),
                         asr_mean=("asr", "mean"), asr_std=("asr", "std"),
                         seeds=("seed", "nunique"), rounds=("rounds", "max"),
-                        wall_time_s=("wall_time_s", "mean")).reset_index()
+                        wall_time_s=("wall_time_s", "mean"),
+                        note=("note", lambda notes: "; ".join(sorted(set(notes) - {""})))
+                        ).reset_index()
     return table
 
 
@@ -121,8 +138,12 @@ def markdown_table(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([name, *row]) + " |" for name, row in wide.iterrows()]
     seeds = sorted(set(table["seeds"]))
-    return ("ACC % / ASR % (final round; mean ± std over seeds: "
+    text = ("ACC % / ASR % (final round; mean ± std over seeds: "
             + ", ".join(map(str, seeds)) + ")\n\n" + "\n".join(lines))
+    flagged = table[table["note"] != ""]
+    warnings = [f"WARNING: {row['defense']}, {_setting_text_row(row)}: {row['note']}"
+                for _, row in flagged.iterrows()]
+    return "\n\n".join([text, *warnings])
 
 
 def round_curves(runs: pd.DataFrame) -> pd.DataFrame:

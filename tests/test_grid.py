@@ -165,6 +165,37 @@ def test_dry_run_lists_cells_and_runs_nothing(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_only_and_set_select_cells_and_override_every_cell(tmp_path, capsys):
+    path = tmp_path / "g.toml"
+    path.write_text(GRID_TOML)
+    args = ["grid", str(path), "--out", str(tmp_path), "--dry-run"]
+    assert main([*args, "--only", "badnets-*-seed1", "--set", "num-server-rounds=1",
+                 "--set", "lr=0.01"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines] == ["badnets-fedavg-seed1", "badnets-median-seed1"]
+    assert all("num-server-rounds=1" in line and "lr=0.01" in line for line in lines)
+    assert main([*args, "--only", "nothing*"]) == 2
+    assert "no cell matches" in capsys.readouterr().err
+
+
+def test_a_hung_cell_is_stopped_after_the_timeout(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from fmfl_flwr.grid import flower_runner
+
+    home = tmp_path / "home"
+    started = time.time()
+    with pytest.MonkeyPatch.context() as patch:  # a "flwr run" that never ends
+        patch.setattr("fmfl_flwr.grid.run_simulation", lambda *a, flwr_home, **k: subprocess.run(
+            [sys.executable, "-c", "import time; time.sleep(60)", str(flwr_home)]).returncode)
+        code = flower_runner({}, 3, home, tmp_path / "log", timeout_s=1.0)
+    assert code == 124 and time.time() - started < 30
+    assert "cell timeout of 1 s" in (tmp_path / "log").read_text()
+    assert not home.exists()
+
+
 def test_experiment_files_expand_and_validate():
     from fmfl_flwr.grid import validate
 
@@ -173,3 +204,24 @@ def test_experiment_files_expand_and_validate():
         spec = load_grid(path)
         validate(spec.cells)
         assert spec.cells, path
+
+
+@pytest.mark.slow
+def test_a_tiny_grid_runs_in_flower_then_skips_on_the_second_call(tmp_path, capsys):
+    path = tmp_path / "tiny.toml"
+    path.write_text('num-supernodes = 3\n[base]\nnum-server-rounds = 1\nmodel-width = 16\n'
+                    'batch-size = 64\nfraction-evaluate = 0.0\n'
+                    '[grid]\naggregation = ["fedavg", "median"]\n')
+    out = tmp_path / "out"
+    assert main(["grid", str(path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[2/2] median: done in" in printed and "| fedavg |" in printed
+    assert {row["status"] for row in _status(out).values()} == {"done"}
+    for name in ("fedavg", "median"):
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["rounds"] == 1 and summary["acc"] > 0.5
+    assert not (out / ".flwr" / "fedavg" / "home").exists()
+    assert main(["grid", str(path), "--out", str(out)]) == 0
+    assert "2 finished, 0 to run" in capsys.readouterr().out
+    assert main(["report", str(out)]) == 0
+    assert (out / "report" / "final-asr.png").is_file()

@@ -116,6 +116,17 @@ def test_report_writes_tables_and_plots(results, tmp_path, capsys):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_defense_that_did_not_run_is_flagged(tmp_path):
+    run_dir = make_run(tmp_path, "bounds", {"defense": "activation-bounds", "fusion": True},
+                       [0.1, 0.8], [0.0, 0.9])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["phases_s"] = {"fusion_s": 3.5, "defense_s": 0.0}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    text = markdown_table(summary_table(load_runs(tmp_path)))
+    assert text.endswith("WARNING: fedavg+activation-bounds, FM-FL, clean, iid, 10 clients: "
+                         "defense activation-bounds did not run")
+
+
 def test_report_of_an_empty_folder_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         write_report(tmp_path)
