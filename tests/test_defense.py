@@ -181,3 +181,19 @@ def test_registry_error_lists_names() -> None:
         make_defense("nope", tiny, torch.zeros(1), torch.zeros(1))
     with pytest.raises(ValueError, match="clean"):
         make_defense("clean-bounds-oracle", tiny, torch.zeros(1), torch.zeros(1))
+
+
+def test_bounds_step_reuses_the_fusion_ensemble(trained) -> None:
+    model, images, labels = trained
+    always_zero = torch.zeros(len(images), 3)
+    always_zero[:, 0] = 5.0
+    step = make_defense(
+        "activation-bounds",
+        tiny,
+        images,
+        labels,
+        BoundSettings(epochs=0, max_samples=300),
+        ensemble_source=lambda: always_zero,
+    )
+    step(1, model.state_dict(), [], [])
+    assert 0.4 < step.history[0]["overruled-share"] < 0.9

@@ -48,8 +48,8 @@ class BoundSettings:
     init_value: float = 8.0  # the constant init (MM-BM)
     lr: float = 0.1
     batch_size: int = 200
-    epochs: int = 20
-    max_samples: int = 2000  # random subset of the reference data per call (cost)
+    epochs: int = 10
+    max_samples: int = 1000  # random subset of the reference data per call (cost)
     c0: float = 0.5
     c_up: float = 1.2
     target_agreement: float = 0.95

@@ -50,7 +50,12 @@ def ensemble_logits(
 
 
 class BoundsStep:
-    """Fit activation bounds after fusion; `use_ensemble` False gives plain MM-BM/MMAC."""
+    """Fit activation bounds after fusion; `use_ensemble` False gives plain MM-BM/MMAC.
+
+    `ensemble_source` returns the round's client-ensemble logits on all of `images` when
+    fusion already computed them (`Fusion.last_ensemble_logits`); else they are computed
+    here from the client states, on the round's subset only.
+    """
 
     def __init__(
         self,
@@ -60,12 +65,14 @@ class BoundsStep:
         settings: BoundSettings,
         layers: list[str] | None = None,
         use_ensemble: bool = True,
+        ensemble_source: Callable[[], torch.Tensor | None] | None = None,
     ) -> None:
         self.build_model = build_model
         self.images, self.labels = images, labels
         self.settings = settings
         self.layers = layers
         self.use_ensemble = use_ensemble
+        self.ensemble_source = ensemble_source
         self.last_bounds: StateDict | None = None
         self.last_c: float | None = None
         self.history: list[dict[str, float]] = []
@@ -83,11 +90,13 @@ class BoundsStep:
         generator = torch.Generator().manual_seed(self.settings.seed + server_round)
         subset = torch.randperm(len(self.images), generator=generator)[: self.settings.max_samples]
         images, labels = self.images[subset], self.labels[subset]
-        teacher = (
-            ensemble_logits(self.build_model, client_states, images)
-            if self.use_ensemble and client_states
-            else None
-        )
+        teacher = None
+        if self.use_ensemble:
+            shared = self.ensemble_source() if self.ensemble_source else None
+            if shared is not None and len(shared) == len(self.images):
+                teacher = shared[subset]
+            elif client_states:
+                teacher = ensemble_logits(self.build_model, client_states, images)
         bounds, stats = optimise_bounds(
             model, images, labels, teacher, self.settings, self.last_bounds, self.last_c
         )
@@ -135,8 +144,10 @@ class PruningStep:
 
 
 @DEFENSES.register("activation-bounds")
-def _activation_bounds(build_model, syn_x, syn_y, settings, **_) -> ServerStep:
-    return BoundsStep(build_model, syn_x, syn_y, settings)
+def _activation_bounds(
+    build_model, syn_x, syn_y, settings, ensemble_source=None, **_
+) -> ServerStep:
+    return BoundsStep(build_model, syn_x, syn_y, settings, ensemble_source=ensemble_source)
 
 
 @DEFENSES.register("mm-bm")
@@ -175,11 +186,23 @@ def make_defense(
     settings: BoundSettings | None = None,
     clean_x: torch.Tensor | None = None,
     clean_y: torch.Tensor | None = None,
+    ensemble_source: Callable[[], torch.Tensor | None] | None = None,
 ) -> ServerStep | None:
-    """The post-fusion step called `name` (None for "none"); a wrong name lists the valid."""
+    """The post-fusion step called `name` (None for "none"); a wrong name lists the valid.
+
+    `build_model` returns a fresh model of the run's architecture; `clean_x`/`clean_y`
+    (real held-out images) serve `clean-bounds-oracle` only.
+    """
     factory = DEFENSES.get(name)
     if factory is None:
         return None
+    settings = settings or BoundSettings()
     return factory(
-        build_model, syn_x, syn_y, settings or BoundSettings(), clean_x=clean_x, clean_y=clean_y
+        build_model,
+        syn_x,
+        syn_y,
+        settings,
+        clean_x=clean_x,
+        clean_y=clean_y,
+        ensemble_source=ensemble_source,
     )
