@@ -162,6 +162,7 @@ def _absolute_path(key: str, value: Any) -> Any:
 
 def validate(cells: list[Cell]) -> None:
     """Check every cell as the ServerApp will, before any run starts."""
+    from fmfl_flwr.defense import DEFENSES
     from strategies import AGGREGATIONS, aggregation_params
 
     extra = tuple(aggregation_params())
@@ -169,6 +170,7 @@ def validate(cells: list[Cell]) -> None:
         try:
             config = ExperimentConfig.from_run_config(cell.run_config, extra)
             AGGREGATIONS.check(config.aggregation)
+            DEFENSES.check(config.defense)
         except ValueError as err:
             raise ConfigError(f"cell {cell.name}: {err}") from err
         if cell.num_supernodes < 1:

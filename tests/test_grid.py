@@ -103,6 +103,9 @@ def test_a_bad_cell_stops_the_grid_before_any_run(tmp_path):
     runner = FakeRunner()
     with pytest.raises(ConfigError, match="cell fedmedian: aggregation='fedmedian'"):
         run_grid(cells, tmp_path, runner, echo=lambda _: None)
+    cells = expand({}, {"defense": ["none", "activation-bound"]})
+    with pytest.raises(ConfigError, match="cell activation-bound: defense='activation-bound'"):
+        run_grid(cells, tmp_path, runner, echo=lambda _: None)
     cells = expand({}, {"seed": [0], "threat": [{"client-atack": "badnets", "label": "x"}]})
     with pytest.raises(ConfigError, match="client-atack"):
         run_grid(cells, tmp_path, runner, echo=lambda _: None)
