@@ -13,6 +13,8 @@ are cached; each finished variant is written to the JSON at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from fmfl_flwr.defense import (
     BoundSettings,
     attach_bounds,
     bounded_layers,
+    bounds_disabled,
     optimise_bounds,
     prune_dormant,
 )
@@ -89,14 +92,15 @@ def setup(args: argparse.Namespace) -> dict:
     return {"trigger": trigger, "syn_x": syn_x, "syn_y": syn_y, "poisoned": poisoned,
             "clean_x": clean_x, "clean_y": clean_y, "ensemble": ensemble,
             "ensemble_logits": ensemble_logits, "fused": fused, "badnets": bad,
+            "local_x": train_x[private[:5000]], "local_y": train_y[private[:5000]],
             "test_x": to_float(data.test_x[: args.test_size]),
             "test_y": torch.as_tensor(data.test_y[: args.test_size])}
 
 
 def bounded_copy(model: nn.Module) -> nn.Module:
-    copy = attach_bounds(build_model("cnn", "fashion-mnist"))
-    copy.load_state_dict(model.state_dict(), strict=False)
-    return copy.eval()
+    bounded = attach_bounds(build_model("cnn", "fashion-mnist"))
+    bounded.load_state_dict(model.state_dict(), strict=False)
+    return bounded.eval()
 
 
 def variants(env: dict, base: BoundSettings) -> dict[str, Callable[[], tuple[nn.Module, dict]]]:
@@ -117,6 +121,20 @@ def variants(env: dict, base: BoundSettings) -> dict[str, Callable[[], tuple[nn.
             model = bounded_copy(env[model_key])
             _, stats = prune_dormant(model, x, y, max_samples=base.max_samples, seed=base.seed)
             return model, stats
+        return run
+
+    memo: dict[str, nn.Module] = {}
+
+    def local_training(bounds_on: bool) -> Callable[[], tuple[nn.Module, dict]]:
+        """One clean local epoch from the defended model, bounds on or off while training."""
+        def run() -> tuple[nn.Module, dict]:
+            if "switch" not in memo:
+                memo["switch"] = bounds("fused", syn_x, syn_y, ens)()[0]
+            model = copy.deepcopy(memo["switch"])
+            started = time.perf_counter()
+            with contextlib.nullcontext() if bounds_on else bounds_disabled(model):
+                train_epochs(model, env["local_x"], env["local_y"], 1, 32, 0.01, base.seed)
+            return model.eval(), {"time": time.perf_counter() - started}
         return run
 
     clean_x, clean_y = env["clean_x"], env["clean_y"]
@@ -140,6 +158,8 @@ def variants(env: dict, base: BoundSettings) -> dict[str, Callable[[], tuple[nn.
         "badnets + mm-bm on clean D_syn, c0 5": bounds("badnets", clean_x, clean_y, None,
                                                        objective="mm-bm", c0=5.0),
         "badnets + pruning on clean D_syn": pruning("badnets", clean_x, clean_y),
+        "fused + ensemble-switch, then a local epoch with bounds on": local_training(True),
+        "fused + ensemble-switch, then a local epoch with bounds off": local_training(False),
     }
 
 
