@@ -162,18 +162,20 @@ def plot(runs: pd.DataFrame, table: pd.DataFrame, out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     written = []
     curves = round_curves(runs)
     for setting, group in curves.groupby(SETTING, dropna=False, sort=False):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
         mean = group.groupby(["defense", "round"], sort=False)[["acc", "asr"]].mean()
-        for defense in dict.fromkeys(group["defense"]):
+        for defense in dict.fromkeys(group["defense"]):  # mean over seeds
             for ax, metric in zip(axes, ("acc", "asr"), strict=True):
                 ax.plot(mean.loc[defense].index, 100 * mean.loc[defense][metric], marker="o",
                         markersize=3, label=defense)
         for ax, metric in zip(axes, ("ACC", "ASR"), strict=True):
             ax.set(xlabel="round", ylabel=f"{metric} %", ylim=(0, 100), title=metric)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=8)
         title = _setting_text(setting)
