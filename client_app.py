@@ -71,7 +71,8 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     dataset = _dataset(config.dataset, config.data_dir)
     idx = client_indices(dataset.train_y, partition_id, num_partitions, config.partition,
-                         config.dirichlet_alpha, config.public_fraction, config.seed)
+                         config.dirichlet_alpha, config.public_fraction, config.seed,
+                         config.data_fraction)
     images, labels = to_float(dataset.train_x[idx]), torch.as_tensor(dataset.train_y[idx])
 
     malicious, rank, num_malicious = _is_malicious(config, partition_id, num_partitions, role)

@@ -39,6 +39,7 @@ class ExperimentConfig:
     partition: str = field(default="iid", metadata=_choices(*PARTITIONS))
     dirichlet_alpha: float = field(default=0.1, metadata={"min_exclusive": 0.0})
     public_fraction: float = field(default=0.1, metadata={"min": 0.0, "max_exclusive": 1.0})
+    data_fraction: float = field(default=1.0, metadata={"min_exclusive": 0.0, "max": 1.0})
     # federated learning
     num_server_rounds: int = field(default=5, metadata={"min": 1})
     fraction_train: float = field(default=1.0, metadata={"min_exclusive": 0.0, "max": 1.0})

@@ -74,10 +74,18 @@ def client_indices(
     alpha: float,
     public_fraction: float,
     seed: int,
+    data_fraction: float = 1.0,
 ) -> np.ndarray:
-    """Training-set indices of one client: its share of the non-public part."""
+    """Training-set indices of one client: its share of the non-public part.
+
+    `data_fraction` < 1 keeps a seeded share of it (at least one sample), for quick runs.
+    """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
     _, private = public_split(len(train_labels), public_fraction, seed)
     parts = partition_indices(train_labels[private], partition, num_partitions, alpha, seed)
-    return private[parts[partition_id]]
+    mine = private[parts[partition_id]]
+    if data_fraction < 1.0:
+        keep = max(1, int(round(len(mine) * data_fraction)))
+        mine = np.sort(np.random.default_rng([seed, partition_id]).permutation(mine)[:keep])
+    return mine

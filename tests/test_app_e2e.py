@@ -10,7 +10,7 @@ from fmfl_flwr.launch import run_deployment, run_simulation
 
 pytestmark = pytest.mark.slow
 
-SMALL = {"num-server-rounds": 2, "local-epochs": 1, "batch-size": 64}
+SMALL = {"num-server-rounds": 2, "local-epochs": 1, "batch-size": 64, "data-fraction": 0.2}
 
 
 def _rows(run_dir):
@@ -32,8 +32,8 @@ def test_simulation_writes_results_and_stops_its_superlink(tmp_path):
     run_dir = tmp_path / "out" / "sim"
     rows = _rows(run_dir)
     assert [r["round"] for r in rows] == ["0", "1", "2"]
-    assert float(rows[-1]["acc"]) > 0.7  # two rounds of FedAvg on Fashion-MNIST
-    assert float(rows[-1]["client-acc"]) > 0.7
+    assert float(rows[-1]["acc"]) > 0.6  # two rounds of FedAvg on a fifth of Fashion-MNIST
+    assert float(rows[-1]["client-acc"]) > 0.6
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["acc"] == pytest.approx(float(rows[-1]["acc"]))
     assert set(summary["phases_s"]) >= {"client_training_s", "aggregation_s", "fusion_s"}
@@ -51,5 +51,5 @@ def test_deployment_with_separate_supernode_processes(tmp_path):
     log = (tmp_path / "deploy" / "deployment.log").read_text()
     assert code == 0, log[-3000:]
     rows = _rows(tmp_path / "out" / "deploy")
-    assert [r["round"] for r in rows] == ["0", "1", "2"] and float(rows[-1]["acc"]) > 0.7
+    assert [r["round"] for r in rows] == ["0", "1", "2"] and float(rows[-1]["acc"]) > 0.6
     assert not _flower_processes(str(tmp_path / "deploy"))

@@ -56,3 +56,11 @@ def test_dirichlet_is_skewed_and_seed_matters(fmnist):
 def test_bad_partition_name(fmnist):
     with pytest.raises(ValueError, match="partition='foo' is not known"):
         partition_indices(fmnist.train_y, "foo", 10, 0.1, 0)
+
+
+def test_data_fraction_keeps_a_seeded_subset(fmnist):
+    full = client_indices(fmnist.train_y, 2, 10, "iid", 0.1, 0.1, seed=0)
+    part = client_indices(fmnist.train_y, 2, 10, "iid", 0.1, 0.1, seed=0, data_fraction=0.25)
+    assert len(part) == round(len(full) * 0.25) and set(part) <= set(full)
+    again = client_indices(fmnist.train_y, 2, 10, "iid", 0.1, 0.1, seed=0, data_fraction=0.25)
+    assert np.array_equal(part, again)
