@@ -88,7 +88,8 @@ def setup(args: argparse.Namespace) -> dict:
 
     fused_name = f"fused-a{args.alpha}-t{args.tau}-e{args.distill_epochs}.pt"
     fused = cached_model(folder / fused_name, fuse)
-    bad = cached_model(folder / "badnets.pt", train_badnets)
+    wanted = not args.only or "badnets" in args.only
+    bad = cached_model(folder / "badnets.pt", train_badnets) if wanted else None
     return {"trigger": trigger, "syn_x": syn_x, "syn_y": syn_y, "poisoned": poisoned,
             "clean_x": clean_x, "clean_y": clean_y, "ensemble": ensemble,
             "ensemble_logits": ensemble_logits, "fused": fused, "badnets": bad,
@@ -194,7 +195,7 @@ def main() -> None:
               f"time {stats.get('time', 0):.1f} s {stats}", flush=True)
 
     for name in ("ensemble", "fused", "badnets"):
-        if args.only in name:
+        if args.only in name and env[name] is not None:
             record(name, env[name], {})
     for name, run in variants(env, base).items():
         if args.only in name:

@@ -197,3 +197,14 @@ def test_bounds_step_reuses_the_fusion_ensemble(trained) -> None:
     )
     step(1, model.state_dict(), [], [])
     assert 0.4 < step.history[0]["overruled-share"] < 0.9
+
+
+def test_settings_from_run_config() -> None:
+    keys = BoundSettings.run_config_keys()
+    assert "bounds-c0" in keys and "bounds-seed" not in keys
+    settings = BoundSettings.from_run_config(
+        {"bounds-c0": 2, "bounds-objective": "mm-bm", "lr": 9.0}, seed=3
+    )
+    assert (settings.c0, settings.objective, settings.lr, settings.seed) == (2.0, "mm-bm", 0.1, 3)
+    with pytest.raises(ValueError, match="granularity"):
+        BoundSettings.from_run_config({"bounds-granularity": "pixel"})

@@ -12,7 +12,9 @@ the fused model never lowers c, so keeping the backdoor is never rewarded.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +37,7 @@ from fmfl_flwr.defense.objectives import (
 from fmfl_flwr.training import predict_logits, seeded_generator
 
 GRANULARITIES = ("channel", "layer")
+RUN_CONFIG_PREFIX = "bounds-"
 
 
 @dataclass
@@ -60,6 +63,7 @@ class BoundSettings:
     disagree_weight: float = 1.0
     margin_per_class: int = 30  # mmac probes
     margin_steps: int = 100
+    prune_max_drop: float = 0.04  # the pruning baseline's allowed reference-accuracy drop
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,6 +76,23 @@ class BoundSettings:
             raise ValueError(
                 f"bounds init={self.init!r} is not known; accepted: quantile, constant"
             )
+
+    @classmethod
+    def run_config_keys(cls) -> tuple[str, ...]:
+        """`bounds-<field>` run-config keys (all but the seed, which is the run's)."""
+        return tuple(
+            RUN_CONFIG_PREFIX + f.name.replace("_", "-") for f in fields(cls) if f.name != "seed"
+        )
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], seed: int = 0) -> BoundSettings:
+        """Settings from Flower's run config; absent keys keep the measured defaults."""
+        values: dict[str, Any] = {"seed": seed}
+        for f in fields(cls):
+            key = RUN_CONFIG_PREFIX + f.name.replace("_", "-")
+            if f.name != "seed" and key in run_config:
+                values[f.name] = type(f.default)(run_config[key])
+        return cls(**values)
 
 
 @torch.no_grad()

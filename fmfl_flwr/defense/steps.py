@@ -170,7 +170,12 @@ def _oracle(build_model, syn_x, syn_y, settings, clean_x=None, clean_y=None, **_
 @DEFENSES.register("pruning")
 def _pruning(build_model, syn_x, syn_y, settings, **_) -> ServerStep:
     return PruningStep(
-        build_model, syn_x, syn_y, max_samples=settings.max_samples, seed=settings.seed
+        build_model,
+        syn_x,
+        syn_y,
+        settings.prune_max_drop,
+        max_samples=settings.max_samples,
+        seed=settings.seed,
     )
 
 
