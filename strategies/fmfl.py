@@ -11,12 +11,13 @@ Times of each phase and the count of rejected replies go into the round's metric
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -46,6 +47,28 @@ def reply_problem(content_arrays: ArrayRecord | None, reference: StateDict) -> s
         if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
             return f"non-finite values in {key}"
     return ""
+
+
+def num_examples(content: RecordDict) -> float:
+    """A reply's `num-examples` if it is a finite positive number, else 0."""
+    metrics = content.metric_records.get("metrics")
+    value = metrics.get("num-examples") if metrics is not None else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0.0
+    return float(value) if math.isfinite(value) and value > 0 else 0.0
+
+
+def normalise_contents(replies: list[Message], with_arrays: bool) -> None:
+    """Keep one ArrayRecord and the metrics every reply has: rules average them key-wise."""
+    if not replies:
+        return
+    shared = set.intersection(*(set(m.content["metrics"]) for m in replies))
+    for msg in replies:
+        metrics = msg.content["metrics"]
+        records = {"metrics": MetricRecord({k: metrics[k] for k in metrics if k in shared})}
+        if with_arrays:
+            records["arrays"] = msg.content["arrays"]
+        msg.content = RecordDict(records)
 
 
 class FMFLStrategy(Strategy):
@@ -95,16 +118,18 @@ class FMFLStrategy(Strategy):
         return self.inner.configure_train(server_round + self.round_offset, arrays, config,
                                           grid)
 
-    def _valid_replies(self, replies: Iterable[Message]) -> tuple[list[Message], int]:
+    def _valid_replies(self, replies: Iterable[Message], with_arrays: bool = True
+                       ) -> tuple[list[Message], int]:
+        """Replies fit to aggregate, in partition order, reduced to what rules read."""
         valid, rejected = [], 0
         for msg in replies:
-            if msg.has_error():
+            if msg.has_error() or not msg.has_content():
                 rejected += 1
                 continue
-            problem = reply_problem(msg.content.array_records.get("arrays"), self._sent)
-            if not problem and "num-examples" not in msg.content.metric_records.get(
-                    "metrics", {}):
-                problem = "no num-examples metric"
+            problem = "" if num_examples(msg.content) else \
+                "num-examples missing, not finite or not positive"
+            if not problem and with_arrays:
+                problem = reply_problem(msg.content.array_records.get("arrays"), self._sent)
             if problem:
                 rejected += 1
                 log(WARNING, "Rejected reply from node %s: %s", msg.metadata.src_node_id,
@@ -112,6 +137,7 @@ class FMFLStrategy(Strategy):
             else:
                 valid.append(msg)
         valid.sort(key=lambda m: partition_rank(self.partition_of, m.metadata.src_node_id))
+        normalise_contents(valid, with_arrays)
         return valid, rejected
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -157,6 +183,7 @@ class FMFLStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
+        valid, _ = self._valid_replies(replies, with_arrays=False)
         self.last_evaluate = self.inner.aggregate_evaluate(server_round + self.round_offset,
-                                                           replies)
+                                                           valid)
         return self.last_evaluate

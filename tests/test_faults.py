@@ -221,12 +221,10 @@ class TestMissingReplies:
 
 # Gaps in strategies/fmfl.py's validation found while writing these tests; each is
 # reported with a fix. strict: once fixed, these pass and the marker must go.
-FMFL_GAP = "strategies/fmfl.py lets this reply through to the inner rule (see issue 9 notes)"
 
 
 @pytest.mark.usefixtures("in_a_run")
 class TestValidationGaps:
-    @pytest.mark.xfail(strict=True, reason=FMFL_GAP)
     @pytest.mark.parametrize("num_examples", [math.nan, math.inf, -1.0])
     def test_non_finite_or_negative_num_examples_never_reach_the_average(
             self, num_examples: float) -> None:
@@ -237,12 +235,10 @@ class TestValidationGaps:
         np.testing.assert_array_equal(weights_of(new), 1.0)
         assert strategy.round_info[1]["rejected-replies"] == 1
 
-    @pytest.mark.xfail(strict=True, reason=FMFL_GAP)
     def test_zero_total_num_examples_does_not_crash(self) -> None:
         strategy = sent(fmfl())
         assert strategy.aggregate_train(1, [good(1.0, 0)]) == (None, None)
 
-    @pytest.mark.xfail(strict=True, reason=FMFL_GAP)
     @pytest.mark.parametrize("content", ["extra-metric", "second-metric-record",
                                          "second-array-record"])
     def test_an_odd_but_valid_model_does_not_crash_the_round(self, content: str) -> None:
@@ -257,7 +253,6 @@ class TestValidationGaps:
         new, _ = strategy.aggregate_train(1, [good(1.0, node_id=2), reply(RecordDict(records))])
         assert weights_of(new).mean() in (1.0, 2.0)  # rejected, or aggregated on its arrays
 
-    @pytest.mark.xfail(strict=True, reason=FMFL_GAP)
     def test_an_evaluate_reply_without_num_examples_does_not_crash(self) -> None:
         strategy = fmfl()
         ok = reply(RecordDict({"metrics": MetricRecord({"num-examples": 5, "local-acc": 0.8})}))
@@ -305,8 +300,9 @@ def crashing_app(folder: Path, partition: int) -> Path:
 @pytest.mark.slow
 def test_a_crashing_client_app_is_tolerated_in_a_simulation(tmp_path: Path) -> None:
     app_dir = crashing_app(tmp_path / "app", partition=1)
-    config = {"num-server-rounds": 2, "batch-size": 64, "fraction-evaluate": 0.0,
-              "min-replies": 2, "output-dir": str(tmp_path / "out"), "run-name": "crash"}
+    config = {"num-server-rounds": 2, "batch-size": 64, "data-fraction": 0.2,
+              "fraction-evaluate": 0.0, "min-replies": 2, "output-dir": str(tmp_path / "out"),
+              "run-name": "crash"}
     code = run_simulation(config, num_supernodes=3, app_dir=app_dir,
                           flwr_home=tmp_path / "home", log_path=tmp_path / "log")
     log = (tmp_path / "log").read_text()
@@ -317,4 +313,4 @@ def test_a_crashing_client_app_is_tolerated_in_a_simulation(tmp_path: Path) -> N
     assert [r["round"] for r in rows] == ["0", "1", "2"]
     for row in rows[1:]:  # 3 sampled, 1 crashed: 2 valid replies, enough for min-replies
         assert float(row["replies"]) == 2 and float(row["rejected-replies"]) == 1
-    assert float(rows[-1]["acc"]) > 0.7
+    assert float(rows[-1]["acc"]) > 0.6  # two rounds on a fifth of two clients' data
