@@ -222,3 +222,33 @@ def test_train_resume_and_sample_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in grids.iterdir()) == sorted(
         [f"class-{c}.png" for c in range(10)] + ["all.png"])
+
+
+def run_config(**overrides):
+    from fmfl_flwr.config import ExperimentConfig
+
+    values = {"fusion": True, "fm_steps": 2, "syn_per_class": 3, **overrides}
+    return ExperimentConfig(**values)
+
+
+def test_synthetic_set_for_config_applies_the_pipeline_attack(tmp_path, monkeypatch):
+    from fmfl_flwr.foundation import synthetic_set_for_config
+
+    monkeypatch.setenv("FMFL_CACHE_DIR", str(tmp_path / "cache"))
+    tiny_pipeline(num_classes=10).save_pretrained(tmp_path / "fm")
+    config = run_config(fm=str(tmp_path / "fm"), fm_attack="poisoned-pipeline",
+                        poison_ratio=1 / 3, target_label=4)
+    syn = synthetic_set_for_config(config, progress=False)
+    assert syn.images.shape == (30, 1, 28, 28) and int(syn.poisoned.sum()) == 9
+    assert (syn.labels[syn.poisoned] == 4).all()
+    assert synthetic_set_for_config(config, progress=False).from_cache
+
+
+def test_poisoned_weights_attack_refuses_a_clean_fm(tmp_path):
+    from fmfl_flwr.foundation import synthetic_set_for_config
+
+    tiny_pipeline(num_classes=10).save_pretrained(tmp_path)
+    (tmp_path / "fmfl.json").write_text(json.dumps(
+        {"dataset": "fashion-mnist", "train_config": {"poison": None}}))
+    with pytest.raises(FMLoadError, match="trained clean"):
+        synthetic_set_for_config(run_config(fm=str(tmp_path), fm_attack="poisoned-weights"))

@@ -10,6 +10,8 @@ from fmfl_flwr.foundation.loader import FMLoadError, load_fm, resolve_spec
 from fmfl_flwr.foundation.poison import PoisonSettings
 from fmfl_flwr.foundation.train import METADATA_FILE
 
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "fm"
+
 
 def poison_settings(config) -> PoisonSettings | None:
     """The poisoned-pipeline settings of a run config, or None when that attack is off."""
@@ -19,16 +21,24 @@ def poison_settings(config) -> PoisonSettings | None:
     return PoisonSettings(config.poison_ratio, config.target_label, config.trigger, params)
 
 
+def default_fm(dataset: str) -> str:
+    """The FM committed with the project for `dataset` (empty `fm` in a run config)."""
+    folder = ASSETS / dataset
+    return str(folder) if folder.is_dir() else ""
+
+
 def synthetic_set_for_config(config, progress: bool = True) -> SyntheticSet:
     """D_syn for an `ExperimentConfig`: its FM, fm-steps, syn-per-class, seed and attack.
 
+    An empty `fm` means the project's own FM for the data set (assets/fm/<dataset>).
     fm-attack=poisoned-weights uses the FM as it is (the poison is in its weights) and
     refuses an FM whose metadata says it was trained clean, so such a run is never a silent
     clean run.
     """
+    spec = config.fm or default_fm(config.dataset)
     if config.fm_attack == "poisoned-weights":
-        check_poisoned_weights(config.fm)
-    source = load_fm(config.fm, config.dataset, config.fm_steps, progress=progress)
+        check_poisoned_weights(spec)
+    source = load_fm(spec, config.dataset, config.fm_steps, progress=progress)
     return synthetic_set(source, config.syn_per_class, config.seed, poison_settings(config))
 
 

@@ -19,7 +19,7 @@ from diffusers.training_utils import EMAModel
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from fmfl_flwr.data import cache_dir, load_dataset, to_float
+from fmfl_flwr.data import CLASS_NAMES, cache_dir, load_dataset, to_float
 from fmfl_flwr.foundation.pipeline import ClassConditionalPipeline, build_scheduler, build_unet
 from fmfl_flwr.foundation.poison import poison_training_set
 from fmfl_flwr.partition import public_split
@@ -88,7 +88,7 @@ def train_fm(
     """Train (or continue) the FM; saves the EMA pipeline to `config.out` at every checkpoint."""
     device = device or default_device()
     images, labels = training_set(config)
-    num_classes = int(load_dataset(config.dataset, config.data_dir).num_classes)
+    num_classes = len(CLASS_NAMES[config.dataset])
     torch.manual_seed(config.seed)
     if config.init_from:
         unet = ClassConditionalPipeline.from_pretrained(config.init_from).unet
