@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from fmfl_flwr.config import ConfigError, ExperimentConfig
+from fmfl_flwr.config import ConfigError
 from fmfl_flwr.launch import run_simulation, stop_processes_under
 from fmfl_flwr.results import resolve_output_dir, write_json
 
@@ -161,15 +161,13 @@ def _absolute_path(key: str, value: Any) -> Any:
 
 
 def validate(cells: list[Cell]) -> None:
-    """Check every cell as the ServerApp will, before any run starts."""
+    """Check every cell as the ServerApp will (`parse_app_config`), before any run starts."""
+    from fmfl_flwr.app_config import parse_app_config
     from fmfl_flwr.defense import DEFENSES
-    from strategies import AGGREGATIONS, aggregation_params
 
-    extra = tuple(aggregation_params())
     for cell in cells:
         try:
-            config = ExperimentConfig.from_run_config(cell.run_config, extra)
-            AGGREGATIONS.check(config.aggregation)
+            config = parse_app_config(cell.run_config)
             DEFENSES.check(config.defense)
         except ValueError as err:
             raise ConfigError(f"cell {cell.name}: {err}") from err
