@@ -147,9 +147,6 @@ def variants(env: dict, base: BoundSettings) -> dict[str, Callable[[], tuple[nn.
             "fused", syn_x, syn_y, ens, objective="agree"),
         "fused + ensemble-switch, disagreement weight 3": bounds(
             "fused", syn_x, syn_y, ens, disagree_weight=3.0),
-        "fused + ensemble-switch, rms norm": bounds("fused", syn_x, syn_y, ens, norm="rms"),
-        "fused + ensemble-switch, one bound per layer": bounds(
-            "fused", syn_x, syn_y, ens, granularity="layer"),
         "fused + clean-bounds-oracle (mm-bm on clean real data)": bounds(
             "fused", clean_x, clean_y, None, objective="mm-bm"),
         "fused + pruning (Fine-Pruning on D_syn)": pruning("fused", syn_x, syn_y),
@@ -161,6 +158,11 @@ def variants(env: dict, base: BoundSettings) -> dict[str, Callable[[], tuple[nn.
         "badnets + pruning on clean D_syn": pruning("badnets", clean_x, clean_y),
         "fused + ensemble-switch, then a local epoch with bounds on": local_training(True),
         "fused + ensemble-switch, then a local epoch with bounds off": local_training(False),
+        "fused + ensemble-switch, disagreement weight 3, 20 epochs": bounds(
+            "fused", syn_x, syn_y, ens, disagree_weight=3.0, epochs=20),
+        "fused + ensemble-switch, rms norm": bounds("fused", syn_x, syn_y, ens, norm="rms"),
+        "fused + ensemble-switch, one bound per layer": bounds(
+            "fused", syn_x, syn_y, ens, granularity="layer"),
     }
 
 
@@ -175,6 +177,7 @@ def main() -> None:
     parser.add_argument("--distill-epochs", type=int, default=2)
     parser.add_argument("--test-size", type=int, default=5000)
     parser.add_argument("--only", default="", help="run the variants whose name has this")
+    parser.add_argument("--rerun", action="store_true", help="redo rows already in --out")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -194,11 +197,14 @@ def main() -> None:
         print(f"{name}: ACC {row['acc']:.4f} ASR {row['asr']:.4f} "
               f"time {stats.get('time', 0):.1f} s {stats}", flush=True)
 
+    def wanted(name: str) -> bool:
+        return args.only in name and (args.rerun or name not in report["rows"])
+
     for name in ("ensemble", "fused", "badnets"):
-        if args.only in name and env[name] is not None:
+        if wanted(name) and env[name] is not None:
             record(name, env[name], {})
     for name, run in variants(env, base).items():
-        if args.only in name:
+        if wanted(name):
             model, stats = run()
             assert bounded_layers(model)
             record(name, model, stats)
