@@ -7,6 +7,7 @@ Thin glue over the library: read the partition from the node config, train with
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from functools import lru_cache
 
 import numpy as np
@@ -18,6 +19,7 @@ from fmfl_flwr import attacks
 from fmfl_flwr.app_config import parse_app_config
 from fmfl_flwr.config import ExperimentConfig
 from fmfl_flwr.data import ImageDataset, load_dataset, to_float
+from fmfl_flwr.defense import bounds_disabled, ensure_bounds_for_state
 from fmfl_flwr.models import build_model
 from fmfl_flwr.partition import client_indices, partition_indices
 from fmfl_flwr.training import accuracy, default_device, train_epochs
@@ -57,8 +59,10 @@ def _is_malicious(config: ExperimentConfig, partition_id: int, num_partitions: i
 
 
 def _model(config: ExperimentConfig, dataset: ImageDataset, arrays: ArrayRecord):
+    """The global model as served: with its activation bounds where it carries them."""
+    state = arrays.to_torch_state_dict()
     model = build_model(config.model, config.dataset, dataset.num_classes, config.model_width)
-    model.load_state_dict(arrays.to_torch_state_dict())
+    ensure_bounds_for_state(model, state).load_state_dict(state)
     return model
 
 
@@ -86,9 +90,10 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(config, dataset, msg.content["arrays"])
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(round_seed)
-    loss = train_epochs(model, images, labels, config.local_epochs, config.batch_size,
-                        config.lr, round_seed, momentum=config.momentum,
-                        device=default_device())
+    with nullcontext(model) if config.client_bounds else bounds_disabled(model):
+        loss = train_epochs(model, images, labels, config.local_epochs, config.batch_size,
+                            config.lr, round_seed, momentum=config.momentum,
+                            device=default_device())
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     if attacking and config.client_attack == "scaling":
         boost = attacks.default_boost(config, num_partitions, num_malicious)

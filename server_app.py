@@ -16,15 +16,17 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fmfl_flwr import attacks
-from fmfl_flwr.app_config import parse_app_config
+from fmfl_flwr.app_config import bound_settings, parse_app_config
 from fmfl_flwr.checkpoint import FILE as CHECKPOINT_FILE
 from fmfl_flwr.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
 from fmfl_flwr.config import ExperimentConfig
 from fmfl_flwr.data import load_dataset, to_float
+from fmfl_flwr.defense import ensure_bounds_for_state, make_defense
 from fmfl_flwr.foundation import synthetic_set_for_config
 from fmfl_flwr.fusion import Fusion, FusionSettings, pretrain
 from fmfl_flwr.metrics import acc_and_asr
 from fmfl_flwr.models import build_model
+from fmfl_flwr.partition import public_split
 from fmfl_flwr.results import RunRecorder, resolve_output_dir
 from fmfl_flwr.summary import format_table, summarise
 from fmfl_flwr.training import train_epochs
@@ -45,7 +47,7 @@ def seed_everything(seed: int) -> None:
 
 def synthetic_data(config: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
     """D_syn from the FM when anything on the server uses it, else None."""
-    if not (config.fusion or config.aggregation == "fltrust"):
+    if not (config.fusion or config.aggregation == "fltrust" or config.defense != "none"):
         return None
     syn = synthetic_set_for_config(config)
     return syn.images, syn.labels
@@ -68,6 +70,23 @@ def fltrust_root_update(config: ExperimentConfig, model_fn, syn_x: torch.Tensor,
                             if v.is_floating_point()})
 
     return root_update
+
+
+def defense_step(config: ExperimentConfig, dataset, model_fn, syn, fusion: Fusion | None):
+    """The post-fusion defense named by the config (None for "none").
+
+    It reuses fusion's client-ensemble logits on D_syn when fusion runs; the oracle fits
+    on the real public split, which no client trains on and the test set does not touch.
+    """
+    if config.defense == "none":
+        return None
+    public, _ = public_split(len(dataset.train_y), config.public_fraction, config.seed)
+    return make_defense(
+        config.defense, model_fn, *syn, bound_settings(config),
+        clean_x=to_float(dataset.train_x[public]),
+        clean_y=torch.as_tensor(dataset.train_y[public]),
+        ensemble_source=(lambda: fusion.last_ensemble_logits) if fusion else None,
+    )
 
 
 @app.main()
@@ -108,8 +127,10 @@ def main(grid: Grid, context: Context) -> None:
         pretrain(model, *syn, settings)
         pretrain_time = time.perf_counter() - started
     done = resumed["round"] if resumed else 0
+    fusion = Fusion(model_fn, *syn, settings) if config.fusion else None
+    defense = defense_step(config, dataset, model_fn, syn, fusion)
     strategy = FMFLStrategy(
-        inner, fusion=Fusion(model_fn, *syn, settings) if config.fusion else None,
+        inner, fusion=fusion, post_fusion=[(config.defense, defense)] if defense else [],
         min_replies=config.min_replies, round_offset=done,
         partition_of=discover_partitions(grid, min_nodes=2, timeout=config.round_timeout))
     test_x, test_y = to_float(dataset.test_x), torch.as_tensor(dataset.test_y)
@@ -122,7 +143,7 @@ def main(grid: Grid, context: Context) -> None:
         state = arrays.to_torch_state_dict()
         if resumed and server_round == done:  # the checkpoint's round, already recorded
             return MetricRecord({k: float(v) for k, v in recorder.rows[-1].items()})
-        model.load_state_dict(state)
+        ensure_bounds_for_state(model, state).load_state_dict(state)
         started = time.perf_counter()
         row = {"round": server_round, **acc_and_asr(model, test_x, test_y, trigger,
                                                     config.target_label)}
@@ -131,6 +152,9 @@ def main(grid: Grid, context: Context) -> None:
         if server_round == 0:
             row["pretrain-time"] = pretrain_time
         row.update(strategy.round_info.get(server_round, {}))
+        if server_round > 0 and getattr(defense, "history", None):
+            row.update({f"defense-{k}": v for k, v in defense.history[-1].items()
+                        if k != "round"})
         if server_round > 0 and strategy.last_evaluate is not None:
             row["client-acc"] = strategy.last_evaluate.get("local-acc", float("nan"))
         # Checkpoint first: metrics.csv never shows a round the checkpoint lacks.

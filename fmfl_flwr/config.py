@@ -63,7 +63,19 @@ class ExperimentConfig:
     distill_tau: float = field(default=2.0, metadata={"min_exclusive": 0.0})
     distill_lr: float = field(default=0.01, metadata={"min_exclusive": 0.0})
     distill_batch_size: int = field(default=64, metadata={"min": 1})
-    defense: str = "none"  # checked against the defense registry by the ServerApp
+    defense: str = "none"  # checked against the defense registry (fmfl_flwr.app_config)
+    # activation-bounds knobs (fmfl_flwr.defense.BoundSettings; docs/defense.md)
+    bounds_objective: str = field(default="ensemble-switch", metadata=_choices(
+        "mm-bm", "agree", "ensemble-switch", "mmac"))
+    bounds_granularity: str = field(default="channel", metadata=_choices("channel", "layer"))
+    bounds_epochs: int = field(default=10, metadata={"min": 1})
+    bounds_samples: int = field(default=1000, metadata={"min": 1})
+    bounds_lr: float = field(default=0.1, metadata={"min_exclusive": 0.0})
+    bounds_c0: float = field(default=0.5, metadata={"min": 0.0})
+    bounds_init_quantile: float = field(default=0.99, metadata={"min_exclusive": 0.0,
+                                                                 "max": 1.0})
+    bounds_target_agreement: float = field(default=0.95, metadata={"min": 0.0, "max": 1.0})
+    client_bounds: bool = True
     # threats
     fm_attack: str = field(default="none", metadata=_choices(*FM_ATTACKS))
     client_attack: str = field(default="none", metadata=_choices(*CLIENT_ATTACKS))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fmfl_flwr.defense.bounds import ensure_bounds_for_state
 from fmfl_flwr.training import default_device, predict_logits, seeded_generator, train_epochs
 
 StateDict = dict[str, torch.Tensor]
@@ -44,10 +45,13 @@ def pretrain(model: nn.Module, syn_x: torch.Tensor, syn_y: torch.Tensor,
 
 def ensemble_logits(model: nn.Module, client_states: list[StateDict],
                     images: torch.Tensor) -> torch.Tensor:
-    """Mean logits of the client models on `images` (loaded one at a time into `model`)."""
+    """Mean logits of the client models on `images` (loaded one at a time into `model`).
+
+    States carrying activation bounds are used as served, bounds on.
+    """
     total = None
     for state in client_states:
-        model.load_state_dict(state)
+        ensure_bounds_for_state(model, state).load_state_dict(state)
         logits = predict_logits(model, images)
         total = logits if total is None else total + logits
     return total / len(client_states)
@@ -101,7 +105,7 @@ class Fusion:
         self.last_ensemble_logits = ensemble_logits(model, client_states, self.syn_x)
         if self.settings.epochs == 0:
             return state
-        model.load_state_dict(state)
+        ensure_bounds_for_state(model, state).load_state_dict(state)
         torch.manual_seed(self.settings.seed * 7919 + server_round)
         self.last_loss = distill(model, self.last_ensemble_logits, self.syn_x, self.syn_y,
                                  self.settings, self.settings.seed * 7919 + server_round)

@@ -58,3 +58,10 @@ def test_fm_attack_needs_fusion():
 def test_int_lists():
     assert parse_int_list("k", "1, 3-5,8") == [1, 3, 4, 5, 8]
     assert parse_int_list("k", "") == []
+
+
+def test_bounds_defaults_are_the_defense_library_defaults():
+    from fmfl_flwr.app_config import bound_settings
+    from fmfl_flwr.defense import BoundSettings
+
+    assert bound_settings(ExperimentConfig()) == BoundSettings()

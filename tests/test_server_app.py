@@ -25,6 +25,7 @@ def _run(run_config):
     ({"partition": "foo"}, "partition='foo' is not known; accepted: iid, dirichlet"),
     ({"dirichlet-alpha": -1.0}, "dirichlet-alpha=-1.0 must be > 0.0"),
     ({"aggregation": "fedsgd"}, "aggregation='fedsgd' is not known; accepted: fedavg"),
+    ({"defense": "shield"}, "defense='shield' is not known; accepted: none, activation-bounds"),
 ])
 def test_bad_values_fail_before_round_one(override, expected, tmp_path):
     assert expected in _run({"output-dir": str(tmp_path), **override})
