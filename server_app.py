@@ -18,7 +18,12 @@ from flwr.serverapp import Grid, ServerApp
 from fmfl_flwr import attacks
 from fmfl_flwr.app_config import bound_settings, parse_app_config
 from fmfl_flwr.checkpoint import FILE as CHECKPOINT_FILE
-from fmfl_flwr.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
+from fmfl_flwr.checkpoint import (
+    load_checkpoint,
+    restore_rng_states,
+    restore_rule_state,
+    save_checkpoint,
+)
 from fmfl_flwr.config import ExperimentConfig
 from fmfl_flwr.data import load_dataset, to_float
 from fmfl_flwr.defense import ensure_bounds_for_state, make_defense
@@ -120,7 +125,7 @@ def main(grid: Grid, context: Context) -> None:
     pretrain_time = 0.0
     if resumed:
         model.load_state_dict(resumed["state"])
-        inner = resumed["rule"]
+        restore_rule_state(inner, resumed["rule"])
         restore_rng_states(resumed["rng"])
     elif config.fusion:
         started = time.perf_counter()

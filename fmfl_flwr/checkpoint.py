@@ -3,6 +3,7 @@
 A checkpoint holds the global model after the last evaluated round, the rows written so
 far, every random-number state the server draws from, and the aggregation rule's own state
 (FoolsGold's history, say). It is replaced atomically after every round.
+The rule's state is restored into a rule rebuilt from the same config.
 """
 
 from __future__ import annotations
@@ -30,11 +31,31 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
 
 
+def rule_state(rule: object) -> bytes:
+    """The aggregation rule's attributes that pickle (its history, RNGs, counters).
+
+    What does not pickle (callables such as FLTrust's root-update closure) is rebuilt from
+    the config when the run resumes, so it is left out.
+    """
+    state = {}
+    for name, value in vars(rule).items():
+        try:
+            state[name] = pickle.dumps(value)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            continue
+    return pickle.dumps(state)
+
+
+def restore_rule_state(rule: object, blob: bytes) -> None:
+    for name, value in pickle.loads(blob).items():
+        setattr(rule, name, pickle.loads(value))
+
+
 def save_checkpoint(run_dir: Path, server_round: int, state: dict[str, torch.Tensor],
                     rows: list[dict[str, Any]], run_config: dict[str, Any],
                     rule: object) -> None:
     payload = {"round": server_round, "state": state, "rows": rows, "rng": rng_states(),
-               "run_config": run_config, "rule": pickle.dumps(rule)}
+               "run_config": run_config, "rule": rule_state(rule)}
     tmp = run_dir / f"{FILE}.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, run_dir / FILE)
@@ -53,5 +74,4 @@ def load_checkpoint(run_dir: Path, run_config: dict[str, Any]) -> dict[str, Any]
             f"{run_dir} holds an unfinished run with another configuration (differs in "
             f"{changed}); give this run another run-name, or delete that folder to restart"
         )
-    payload["rule"] = pickle.loads(payload["rule"])
     return payload
