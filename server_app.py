@@ -16,7 +16,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fmfl_flwr import attacks
-from fmfl_flwr.app_config import bound_settings, parse_app_config
+from fmfl_flwr.app_config import bound_settings, parse_app_config, with_default_fm
 from fmfl_flwr.checkpoint import FILE as CHECKPOINT_FILE
 from fmfl_flwr.checkpoint import (
     load_checkpoint,
@@ -54,7 +54,7 @@ def synthetic_data(config: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor
     """D_syn from the FM when anything on the server uses it, else None."""
     if not (config.fusion or config.aggregation == "fltrust" or config.defense != "none"):
         return None
-    syn = synthetic_set_for_config(config)
+    syn = synthetic_set_for_config(with_default_fm(config))
     return syn.images, syn.labels
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from fmfl_flwr.config import ConfigError, ExperimentConfig
+from fmfl_flwr.data import cache_dir
 from fmfl_flwr.defense import DEFENSES, BoundSettings
 from strategies import AGGREGATIONS, aggregation_params
 
@@ -19,6 +22,19 @@ def parse_app_config(run_config: dict[str, Any]) -> ExperimentConfig:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     return config
+
+
+def with_default_fm(config: ExperimentConfig) -> ExperimentConfig:
+    """`fm` empty means `$FMFL_FM_DIR/<dataset>`, then `<cache>/fm/<dataset>`.
+
+    `fmfl run` and the launchers point FMFL_FM_DIR at this repository's `assets/fm`, where
+    the trained pipelines live (a Flower app bundle carries no weights).
+    """
+    if config.fm:
+        return config
+    root = Path(os.environ["FMFL_FM_DIR"]) if os.environ.get("FMFL_FM_DIR") else \
+        cache_dir() / "fm"
+    return replace(config, fm=str(root.expanduser().resolve() / config.dataset))
 
 
 def bound_settings(config: ExperimentConfig) -> BoundSettings:

@@ -23,6 +23,9 @@ from fmfl_flwr.secure import Security, public_key
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
+# The trained FM pipelines of this checkout, found by `fm` = "" (fmfl_flwr.app_config).
+FM_DIR = APP_DIR / "assets" / "fm"
+
 FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -80,7 +83,8 @@ def run_simulation(run_config: dict[str, Any], num_supernodes: int = 10,
     write_connection_config(flwr_home)
     overrides = flwr_home / "run-config.toml"
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
-    full_env = {**os.environ, **FLOWER_ENV, **(env or {}), "FLWR_HOME": str(flwr_home),
+    full_env = {"FMFL_FM_DIR": str(FM_DIR), **os.environ, **FLOWER_ENV, **(env or {}),
+                "FLWR_HOME": str(flwr_home),
                 "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
                 "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
     command = [str(Path(sys.executable).with_name("flwr")), "run", str(app_dir),
@@ -135,7 +139,8 @@ class Deployment:
         self.log_path = Path(log_path or self.workdir / "deployment.log")
         self.security = security
         self.port = free_port()
-        self.env = {**os.environ, **FLOWER_ENV, **(env or {}), "FLWR_HOME": str(self.flwr_home)}
+        self.env = {"FMFL_FM_DIR": str(FM_DIR), **os.environ, **FLOWER_ENV, **(env or {}),
+                    "FLWR_HOME": str(self.flwr_home)}
         self.processes: list[subprocess.Popen[bytes]] = []
         self._bin = Path(sys.executable).parent
         self._log: IO[str] | None = None

@@ -65,3 +65,11 @@ def test_bounds_defaults_are_the_defense_library_defaults():
     from fmfl_flwr.defense import BoundSettings
 
     assert bound_settings(ExperimentConfig()) == BoundSettings()
+
+
+def test_empty_fm_means_the_fm_dir_for_the_dataset(monkeypatch, tmp_path):
+    from fmfl_flwr.app_config import with_default_fm
+
+    monkeypatch.setenv("FMFL_FM_DIR", str(tmp_path))
+    assert with_default_fm(ExperimentConfig()).fm == str(tmp_path / "fashion-mnist")
+    assert with_default_fm(ExperimentConfig(fm="/my/fm")).fm == "/my/fm"
