@@ -54,7 +54,7 @@ def task(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def trained() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     model = tiny()
     images, labels = task()
-    train_epochs(model, images, labels, 5, 32, 0.05, 0, device=torch.device("cpu"))
+    train_epochs(model, images, labels, 4, 64, 0.1, 0, device=torch.device("cpu"))
     return model.eval(), images, labels
 
 
@@ -125,12 +125,14 @@ def test_optimisation_shrinks_bounds_and_keeps_agreement(trained) -> None:
     bounded = attach_bounds(tiny())
     bounded.load_state_dict(model.state_dict(), strict=False)
     weights = {k: v.clone() for k, v in bounded.state_dict().items() if "act_bound" not in k}
+    images, labels = images[:300], labels[:300]
+    # Start at every channel's peak: nothing binds, only the penalty can move the bounds.
     settings = BoundSettings(
-        objective="mm-bm", init="constant", epochs=15, batch_size=100, lr=0.5, patience=100
+        objective="mm-bm", init_quantile=1.0, lr=0.5, batch_size=100, patience=99
     )
+    start = sum(v.norm() for v in quantile_bounds(bounded, images, 1.0).values())
     bounds, stats = optimise_bounds(bounded, images, labels, settings=settings)
-    start = sum(torch.full_like(v, 8.0).norm() for v in bounds.values())
-    assert stats["bound-norm"] < 0.75 * start
+    assert stats["bound-norm"] < 0.9 * start
     assert stats["agreement"] >= settings.target_agreement
     assert all(torch.equal(bounded.state_dict()[k], v) for k, v in weights.items())
     assert all(torch.equal(get_bounds(bounded)[k], v) for k, v in bounds.items())
