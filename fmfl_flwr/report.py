@@ -186,11 +186,10 @@ def plot(runs: pd.DataFrame, table: pd.DataFrame, out: Path) -> list[Path]:
         plt.close(fig)
 
     labels = table[SETTING].astype(str).agg(_setting_text_row, axis=1)
-    bars = table.assign(setting=labels).pivot_table(
+    bars = table.assign(setting=labels, asr_std=table["asr_std"].fillna(0.0)).pivot_table(
         index="defense", columns="setting", values=["asr_mean", "asr_std"], sort=False)
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(bars) * max(1, labels.nunique()) / 2), 4))
-    (100 * bars["asr_mean"]).plot.bar(ax=ax, yerr=100 * bars["asr_std"].fillna(0), capsize=2,
-                                      rot=30)
+    (100 * bars["asr_mean"]).plot.bar(ax=ax, yerr=100 * bars["asr_std"], capsize=2, rot=30)
     ax.set(ylabel="final ASR %", xlabel="", ylim=(0, 100), title="Final ASR per defense")
     ax.legend(fontsize=8, title=None)
     ax.grid(axis="y", alpha=0.3)

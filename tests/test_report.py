@@ -127,6 +127,15 @@ def test_a_defense_that_did_not_run_is_flagged(tmp_path):
                          "defense activation-bounds did not run")
 
 
+def test_one_seed_per_setting_has_no_spread_and_still_plots(tmp_path):
+    make_run(tmp_path / "runs", "a", {}, [0.1, 0.9], [0.0, 0.1])
+    make_run(tmp_path / "runs", "b", BADNETS, [0.1, 0.8], [0.0, 0.7])
+    table, written = write_report(tmp_path / "runs")
+    assert table["acc_std"].isna().all() and len(written) == 6
+    assert "| fedavg | 90.00 / 10.00 | 80.00 / 70.00 |" in (
+        tmp_path / "runs" / "report" / "table.md").read_text()
+
+
 def test_report_of_an_empty_folder_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         write_report(tmp_path)
