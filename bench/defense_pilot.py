@@ -158,6 +158,13 @@ def variants(env: dict, base: BoundSettings) -> dict[str, Callable[[], tuple[nn.
         "badnets + pruning on clean D_syn": pruning("badnets", clean_x, clean_y),
         "fused + ensemble-switch, then a local epoch with bounds on": local_training(True),
         "fused + ensemble-switch, then a local epoch with bounds off": local_training(False),
+        "fused + ensemble-switch, rms norm, disagreement weight 3, 20 epochs": bounds(
+            "fused", syn_x, syn_y, ens, norm="rms", disagree_weight=3.0, epochs=20),
+        "fused + ensemble-switch, rms norm, target agreement 0.9, 20 epochs": bounds(
+            "fused", syn_x, syn_y, ens, norm="rms", target_agreement=0.9,
+            collapse_agreement=0.85, epochs=20),
+        "fused + ensemble-switch, rms norm, 20 epochs": bounds(
+            "fused", syn_x, syn_y, ens, norm="rms", epochs=20),
         "fused + ensemble-switch, disagreement weight 3, 20 epochs": bounds(
             "fused", syn_x, syn_y, ens, disagree_weight=3.0, epochs=20),
         "fused + ensemble-switch, rms norm": bounds("fused", syn_x, syn_y, ens, norm="rms"),
