@@ -173,6 +173,21 @@ def variants(env: dict, base: BoundSettings) -> dict[str, Callable[[], tuple[nn.
     }
 
 
+def table(paths: list[str]) -> str:
+    """Markdown table of the rows of one or more result files (later files win)."""
+    rows: dict[str, dict] = {}
+    for path in paths:
+        rows.update(json.loads(Path(path).read_text())["rows"])
+    lines = ["| model / defense | ACC % | ASR % | optimisation s | epochs | final c |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, row in rows.items():
+        extra = [f"{row[k]:.0f}" if k in row else "" for k in ("time", "epochs")]
+        final_c = f"{row['c']:.3g}" if "c" in row else ""
+        lines.append(f"| {name} | {100 * row['acc']:.2f} | {100 * row['asr']:.2f} | "
+                     f"{' | '.join(extra)} | {final_c} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="")
@@ -186,7 +201,11 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run the variants whose name has this")
     parser.add_argument("--rerun", action="store_true", help="redo rows already in --out")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--table", nargs="+", help="print the rows of these files and exit")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     torch.set_num_threads(args.threads)
     env = setup(args)
     base = BoundSettings(seed=args.seed)
