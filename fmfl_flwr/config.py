@@ -61,7 +61,7 @@ class ExperimentConfig:
     distill_epochs: int = field(default=1, metadata={"min": 0})
     distill_alpha: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
     distill_tau: float = field(default=2.0, metadata={"min_exclusive": 0.0})
-    distill_lr: float = field(default=0.01, metadata={"min_exclusive": 0.0})
+    distill_lr: float = field(default=0.001, metadata={"min_exclusive": 0.0})
     distill_batch_size: int = field(default=64, metadata={"min": 1})
     defense: str = "none"  # checked against the defense registry (fmfl_flwr.app_config)
     # activation-bounds knobs (fmfl_flwr.defense.BoundSettings; docs/defense.md)
