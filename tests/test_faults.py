@@ -219,8 +219,8 @@ class TestMissingReplies:
         assert seen == [0.0, 0.0, 2.0]  # kept, then (1 + 2 + 3) / 3
 
 
-# Gaps in strategies/fmfl.py's validation found while writing these tests; each is
-# reported with a fix. strict: once fixed, these pass and the marker must go.
+# Replies that used to pass strategies/fmfl.py's checks and then crashed Flower's rules
+# (ZeroDivisionError, InconsistentMessageReplies) or poisoned the weighted mean (NaN).
 
 
 @pytest.mark.usefixtures("in_a_run")
