@@ -43,6 +43,7 @@ def synthetic_set_for_config(config, progress: bool = True) -> SyntheticSet:
 
 
 def check_poisoned_weights(spec: str) -> None:
+    """Refuse an FM our own training marked clean; other pipelines cannot be checked."""
     meta = resolve_spec(spec) / METADATA_FILE
     if meta.is_file():
         train_config = json.loads(meta.read_text()).get("train_config", {})
