@@ -103,6 +103,7 @@ class FMFLStrategy(Strategy):
         self.partition_of = partition_of or {}
         self.round_offset = round_offset
         self._sent: StateDict = {}
+        self._expected = 0
         self.last_evaluate: MetricRecord | None = None
         self.round_info: dict[int, dict[str, float]] = {}
 
@@ -115,8 +116,10 @@ class FMFLStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._sent = arrays.to_torch_state_dict()
-        return self.inner.configure_train(server_round + self.round_offset, arrays, config,
-                                          grid)
+        messages = list(self.inner.configure_train(server_round + self.round_offset, arrays,
+                                                   config, grid))
+        self._expected = len(messages)
+        return messages
 
     def _valid_replies(self, replies: Iterable[Message], with_arrays: bool = True
                        ) -> tuple[list[Message], int]:
@@ -125,6 +128,8 @@ class FMFLStrategy(Strategy):
         for msg in replies:
             if msg.has_error() or not msg.has_content():
                 rejected += 1
+                log(WARNING, "Reply from node %s failed: %s", msg.metadata.src_node_id,
+                    msg.error.reason if msg.has_error() else "no content")
                 continue
             problem = "" if num_examples(msg.content) else \
                 "num-examples missing, not finite or not positive"
@@ -143,8 +148,10 @@ class FMFLStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
+        replies = list(replies)
         valid, rejected = self._valid_replies(replies)
         info = {"replies": float(len(valid)), "rejected-replies": float(rejected),
+                "missing-replies": float(max(0, self._expected - len(replies))),
                 "aggregation-time": 0.0, "fusion-time": 0.0, "defense-time": 0.0}
         self.round_info[server_round] = info
         if len(valid) < self.min_replies:

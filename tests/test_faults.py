@@ -146,12 +146,14 @@ class TestBrokenReplies:
         strategy = sent(fmfl(min_replies=2))
         assert strategy.aggregate_train(1, [good(1.0), FAULTS["nan-weights"]()]) == (None, None)
         assert strategy.round_info[1] == pytest.approx(
-            {"replies": 1, "rejected-replies": 1, "aggregation-time": 0, "fusion-time": 0,
-             "defense-time": 0})
+            {"replies": 1, "rejected-replies": 1, "missing-replies": 0, "aggregation-time": 0,
+             "fusion-time": 0, "defense-time": 0})
 
     def test_no_reply_at_all_keeps_the_global_model(self) -> None:
         # Every client timed out: the grid hands back nothing.
-        assert sent(fmfl()).aggregate_train(1, []) == (None, None)
+        strategy = sent(fmfl())
+        assert strategy.aggregate_train(1, []) == (None, None)
+        assert strategy.round_info[1]["missing-replies"] == 2
 
 
 class FlakyGrid:
