@@ -51,7 +51,7 @@ class BoundSettings:
     init_value: float = 8.0  # the constant init (MM-BM)
     lr: float = 0.1
     batch_size: int = 200
-    epochs: int = 10
+    epochs: int = 20  # early stopping ends most runs sooner (12 in the pilot)
     max_samples: int = 1000  # random subset of the reference data per call (cost)
     c0: float = 0.5
     c_up: float = 1.2
@@ -59,8 +59,8 @@ class BoundSettings:
     collapse_agreement: float = 0.9
     patience: int = 2  # checks with the norm shrinking < min_delta before stopping early
     min_delta: float = 0.01
-    norm: str = "l2"
-    disagree_weight: float = 1.0
+    norm: str = "rms"  # per-layer RMS: 86.3/8.5 vs l2 85.2/10.9 (ACC/ASR %, pilot)
+    disagree_weight: float = 3.0
     margin_per_class: int = 30  # mmac probes
     margin_steps: int = 100
     prune_max_drop: float = 0.04  # the pruning baseline's allowed reference-accuracy drop
