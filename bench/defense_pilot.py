@@ -98,8 +98,8 @@ def setup(args: argparse.Namespace) -> dict:
             "test_y": torch.as_tensor(data.test_y[: args.test_size])}
 
 
-def bounded_copy(model: nn.Module) -> nn.Module:
-    bounded = attach_bounds(build_model("cnn", "fashion-mnist"))
+def bounded_copy(model: nn.Module, layers: list[str] | None = None) -> nn.Module:
+    bounded = attach_bounds(build_model("cnn", "fashion-mnist"), layers)
     bounded.load_state_dict(model.state_dict(), strict=False)
     return bounded.eval()
 
@@ -109,9 +109,9 @@ def variants(env: dict, base: BoundSettings) -> dict[str, Callable[[], tuple[nn.
     syn_x, syn_y, ens = env["syn_x"], env["syn_y"], env["ensemble_logits"]
 
     def bounds(model_key: str, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None,
-               **changes) -> Callable[[], tuple[nn.Module, dict]]:
+               layers: list[str] | None = None, **changes) -> Callable[[], tuple[nn.Module, dict]]:
         def run() -> tuple[nn.Module, dict]:
-            model = bounded_copy(env[model_key])
+            model = bounded_copy(env[model_key], layers)
             _, stats = optimise_bounds(model, x, y, teacher, replace(base, **changes))
             return model, stats
         return run
@@ -139,6 +139,7 @@ def variants(env: dict, base: BoundSettings) -> dict[str, Callable[[], tuple[nn.
         return run
 
     clean_x, clean_y = env["clean_x"], env["clean_y"]
+    shipped = {"norm": "rms", "disagree_weight": 3.0, "epochs": 20}
     return {
         "fused + ensemble-switch": bounds("fused", syn_x, syn_y, ens),
         "fused + mm-bm (fidelity to fused on all D_syn)": bounds(
@@ -165,6 +166,10 @@ def variants(env: dict, base: BoundSettings) -> dict[str, Callable[[], tuple[nn.
             collapse_agreement=0.85, epochs=20),
         "fused + ensemble-switch, rms norm, 20 epochs": bounds(
             "fused", syn_x, syn_y, ens, norm="rms", epochs=20),
+        "fused + defaults, conv ReLUs only (20 epochs)": bounds(
+            "fused", syn_x, syn_y, ens, ["relu1", "relu2", "relu3"], **shipped),
+        "fused + defaults, fc ReLU only (20 epochs)": bounds(
+            "fused", syn_x, syn_y, ens, ["relu4"], **shipped),
         "fused + ensemble-switch, disagreement weight 3, 20 epochs": bounds(
             "fused", syn_x, syn_y, ens, disagree_weight=3.0, epochs=20),
         "fused + ensemble-switch, rms norm": bounds("fused", syn_x, syn_y, ens, norm="rms"),
