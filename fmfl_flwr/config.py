@@ -68,7 +68,7 @@ class ExperimentConfig:
     bounds_objective: str = field(default="ensemble-switch", metadata=_choices(
         "mm-bm", "agree", "ensemble-switch", "mmac"))
     bounds_granularity: str = field(default="channel", metadata=_choices("channel", "layer"))
-    bounds_epochs: int = field(default=10, metadata={"min": 1})
+    bounds_epochs: int = field(default=20, metadata={"min": 1})
     bounds_samples: int = field(default=1000, metadata={"min": 1})
     bounds_lr: float = field(default=0.1, metadata={"min_exclusive": 0.0})
     bounds_c0: float = field(default=0.5, metadata={"min": 0.0})
