@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from fmfl_flwr.data import cache_dir
 from fmfl_flwr.foundation.cache import SyntheticSet, synthetic_set
 from fmfl_flwr.foundation.loader import FMLoadError, load_fm, resolve_spec
 from fmfl_flwr.foundation.poison import PoisonSettings
 from fmfl_flwr.foundation.train import METADATA_FILE
-
-ASSETS = Path(__file__).resolve().parents[2] / "assets" / "fm"
 
 
 def poison_settings(config) -> PoisonSettings | None:
@@ -22,15 +22,21 @@ def poison_settings(config) -> PoisonSettings | None:
 
 
 def default_fm(dataset: str) -> str:
-    """The FM committed with the project for `dataset` (empty `fm` in a run config)."""
-    folder = ASSETS / dataset
-    return str(folder) if folder.is_dir() else ""
+    """Empty `fm`: `$FMFL_FM_DIR/<dataset>`, then `<cache>/fm/<dataset>` (README's contract)."""
+    roots = [Path(os.environ["FMFL_FM_DIR"])] if os.environ.get("FMFL_FM_DIR") else []
+    candidates = [root / dataset for root in (*roots, cache_dir() / "fm")]
+    for folder in candidates:
+        if (folder / "model_index.json").is_file():
+            return str(folder)
+    tried = ", ".join(str(c) for c in candidates)
+    raise FMLoadError(f"fm is empty and no FM for {dataset!r} was found (tried {tried}); "
+                      "set fm, or FMFL_FM_DIR to a folder like this checkout's assets/fm")
 
 
 def synthetic_set_for_config(config, progress: bool = True) -> SyntheticSet:
     """D_syn for an `ExperimentConfig`: its FM, fm-steps, syn-per-class, seed and attack.
 
-    An empty `fm` means the project's own FM for the data set (assets/fm/<dataset>).
+    An empty `fm` means `default_fm(dataset)`.
     fm-attack=poisoned-weights uses the FM as it is (the poison is in its weights) and
     refuses an FM whose metadata says it was trained clean, so such a run is never a silent
     clean run.
