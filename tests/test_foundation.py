@@ -253,12 +253,3 @@ def test_poisoned_weights_attack_refuses_a_clean_fm(tmp_path):
     with pytest.raises(FMLoadError, match="trained clean"):
         synthetic_set_for_config(run_config(fm=str(tmp_path), fm_attack="poisoned-weights"))
 
-
-def test_empty_fm_uses_fmfl_fm_dir_and_names_what_it_tried(tmp_path, monkeypatch):
-    from fmfl_flwr.foundation.api import default_fm
-
-    monkeypatch.setenv("FMFL_FM_DIR", str(tmp_path))
-    with pytest.raises(FMLoadError, match="fashion-mnist"):
-        default_fm("fashion-mnist")
-    tiny_pipeline(num_classes=10).save_pretrained(tmp_path / "fashion-mnist")
-    assert default_fm("fashion-mnist") == str(tmp_path / "fashion-mnist")

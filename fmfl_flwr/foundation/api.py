@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from fmfl_flwr.data import cache_dir
 from fmfl_flwr.foundation.cache import SyntheticSet, synthetic_set
 from fmfl_flwr.foundation.loader import FMLoadError, load_fm, resolve_spec
 from fmfl_flwr.foundation.poison import PoisonSettings
@@ -21,30 +19,17 @@ def poison_settings(config) -> PoisonSettings | None:
     return PoisonSettings(config.poison_ratio, config.target_label, config.trigger, params)
 
 
-def default_fm(dataset: str) -> str:
-    """Empty `fm`: `$FMFL_FM_DIR/<dataset>`, then `<cache>/fm/<dataset>` (README's contract)."""
-    roots = [Path(os.environ["FMFL_FM_DIR"])] if os.environ.get("FMFL_FM_DIR") else []
-    candidates = [root / dataset for root in (*roots, cache_dir() / "fm")]
-    for folder in candidates:
-        if (folder / "model_index.json").is_file():
-            return str(folder)
-    tried = ", ".join(str(c) for c in candidates)
-    raise FMLoadError(f"fm is empty and no FM for {dataset!r} was found (tried {tried}); "
-                      "set fm, or FMFL_FM_DIR to a folder like this checkout's assets/fm")
-
-
 def synthetic_set_for_config(config, progress: bool = True) -> SyntheticSet:
     """D_syn for an `ExperimentConfig`: its FM, fm-steps, syn-per-class, seed and attack.
 
-    An empty `fm` means `default_fm(dataset)`.
+    An empty `fm` is resolved by the caller (`app_config.with_default_fm`).
     fm-attack=poisoned-weights uses the FM as it is (the poison is in its weights) and
     refuses an FM whose metadata says it was trained clean, so such a run is never a silent
     clean run.
     """
-    spec = config.fm or default_fm(config.dataset)
     if config.fm_attack == "poisoned-weights":
-        check_poisoned_weights(spec)
-    source = load_fm(spec, config.dataset, config.fm_steps, progress=progress)
+        check_poisoned_weights(config.fm)
+    source = load_fm(config.fm, config.dataset, config.fm_steps, progress=progress)
     return synthetic_set(source, config.syn_per_class, config.seed, poison_settings(config))
 
 
