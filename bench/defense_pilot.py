@@ -126,10 +126,12 @@ def variants(env: dict, base: BoundSettings) -> dict[str, Callable[[], tuple[nn.
 
     memo: dict[str, nn.Module] = {}
 
-    def local_training(bounds_on: bool) -> Callable[[], tuple[nn.Module, dict]]:
+    def local_training(bounds_on: bool | None) -> Callable[[], tuple[nn.Module, dict]]:
         """One clean local epoch from the defended model, bounds on or off while training."""
         def run() -> tuple[nn.Module, dict]:
-            if "switch" not in memo:
+            if bounds_on is None:  # the control: no bounds at all
+                memo["switch"] = bounded_copy(env["fused"], [])
+            elif "switch" not in memo:
                 memo["switch"] = bounds("fused", syn_x, syn_y, ens)()[0]
             model = copy.deepcopy(memo["switch"])
             started = time.perf_counter()
@@ -159,6 +161,7 @@ def variants(env: dict, base: BoundSettings) -> dict[str, Callable[[], tuple[nn.
         "badnets + pruning on clean D_syn": pruning("badnets", clean_x, clean_y),
         "fused + ensemble-switch, then a local epoch with bounds on": local_training(True),
         "fused + ensemble-switch, then a local epoch with bounds off": local_training(False),
+        "fused, then a local epoch (no defense: the control)": local_training(None),
         "fused + ensemble-switch, rms norm, disagreement weight 3, 20 epochs": bounds(
             "fused", syn_x, syn_y, ens, norm="rms", disagree_weight=3.0, epochs=20),
         "fused + ensemble-switch, rms norm, target agreement 0.9, 20 epochs": bounds(
