@@ -125,14 +125,15 @@ def variants(env: dict, base: BoundSettings) -> dict[str, Callable[[], tuple[nn.
 
     memo: dict[str, nn.Module] = {}
 
-    def local_training(bounds_on: bool | None) -> Callable[[], tuple[nn.Module, dict]]:
+    def local_training(bounds_on: bool | None, **changes) -> Callable[[], tuple[nn.Module, dict]]:
         """One clean local epoch from the defended model, bounds on or off while training."""
         def run() -> tuple[nn.Module, dict]:
+            key = repr(sorted(changes.items()))
             if bounds_on is None:  # the control: no bounds at all
-                memo["switch"] = bounded_copy(env["fused"], [])
-            elif "switch" not in memo:
-                memo["switch"] = bounds("fused", syn_x, syn_y, ens)()[0]
-            model = copy.deepcopy(memo["switch"])
+                memo[key] = bounded_copy(env["fused"], [])
+            elif key not in memo:
+                memo[key] = bounds("fused", syn_x, syn_y, ens, **changes)()[0]
+            model = copy.deepcopy(memo[key])
             started = time.perf_counter()
             with contextlib.nullcontext() if bounds_on else bounds_disabled(model):
                 train_epochs(model, env["local_x"], env["local_y"], 1, 32, 0.01, base.seed)
@@ -161,6 +162,7 @@ def variants(env: dict, base: BoundSettings) -> dict[str, Callable[[], tuple[nn.
         "fused + ensemble-switch, then a local epoch with bounds on": local_training(True),
         "fused + ensemble-switch, then a local epoch with bounds off": local_training(False),
         "fused, then a local epoch (no defense: the control)": local_training(None),
+        "fused + defaults, then a local epoch with bounds on": local_training(True, **shipped),
         "fused + ensemble-switch, rms norm, disagreement weight 3, 20 epochs": bounds(
             "fused", syn_x, syn_y, ens, norm="rms", disagree_weight=3.0, epochs=20),
         "fused + ensemble-switch, rms norm, target agreement 0.9, 20 epochs": bounds(
