@@ -33,7 +33,10 @@ SHOWN = {"fusion", "fm-attack", "client-attack", "partition", "dirichlet-alpha",
 
 
 def load_runs(folder: Path) -> pd.DataFrame:
-    """One row per finished run under `folder` (any depth), in grid order where known."""
+    """One row per finished run under `folder` (any depth), in grid order where known.
+
+    Several grids' folders under `folder` come one grid after the other.
+    """
     records = []
     for summary_path in sorted(Path(folder).rglob("summary.json")):
         run_dir = summary_path.parent
@@ -56,7 +59,8 @@ def load_runs(folder: Path) -> pd.DataFrame:
     runs = pd.DataFrame.from_records(records)
     if runs.empty:
         return runs
-    runs = runs.sort_values(["order", "run"], kind="stable").drop(columns="order")
+    runs["folder"] = runs["path"].map(lambda path: str(Path(path).parent))
+    runs = runs.sort_values(["folder", "order", "run"]).drop(columns=["folder", "order"])
     runs["variant"] = _variants(runs)
     runs["clients"] = runs["clients"].astype("Int64")
     return runs.drop(columns="config")
