@@ -261,8 +261,10 @@ def run_grid(cells: list[Cell], out: Path, runner: Runner = flower_runner,
                                                   NUM_SUPERNODES: cell.num_supernodes})
         run_config = {**cell.run_config, "output-dir": str(out), "run-name": cell.name}
         cell_started = time.time()
-        code = runner(run_config, cell.num_supernodes, out / ".flwr" / cell.name / "home",
-                      log_path)
+        # "<cell>/home": one cell's process marker is never a prefix of another's (seed1/10)
+        home = out / ".flwr" / cell.name / "home"
+        code = runner(run_config, cell.num_supernodes, home, log_path)
+        shutil.rmtree(home.parent, ignore_errors=True)
         seconds = time.time() - cell_started
         took.append(seconds)
         done = code == 0 and is_finished(out, cell)

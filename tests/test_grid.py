@@ -223,7 +223,7 @@ def test_a_tiny_grid_runs_in_flower_then_skips_on_the_second_call(tmp_path, caps
     for name in ("fedavg", "median"):
         summary = json.loads((out / name / "summary.json").read_text())
         assert summary["rounds"] == 1 and summary["acc"] > 0.5
-    assert not (out / ".flwr" / "fedavg" / "home").exists()
+    assert not (out / ".flwr" / "fedavg").exists()
     assert main(["grid", str(path), "--out", str(out)]) == 0
     assert "2 finished, 0 to run" in capsys.readouterr().out
     assert main(["report", str(out)]) == 0
