@@ -143,14 +143,15 @@ def _initial_bounds(
     settings: BoundSettings,
     warm_start: dict[str, torch.Tensor] | None,
 ) -> tuple[dict, str]:
-    shaped = quantile_bounds(model, images[:500], settings.init_quantile, settings.granularity)
+    """Last round's bounds when they fit this model, else the configured init."""
+    shaped = quantile_bounds(model, images, settings.init_quantile, settings.granularity)
     if warm_start is not None and all(
         k in warm_start and warm_start[k].shape == v.shape for k, v in shaped.items()
     ):
         return {k: warm_start[k].clone() for k in shaped}, "warm"
     if settings.init == "constant":
         return {k: torch.full_like(v, settings.init_value) for k, v in shaped.items()}, "constant"
-    return quantile_bounds(model, images, settings.init_quantile, settings.granularity), "quantile"
+    return shaped, "quantile"
 
 
 def _agreement(model: nn.Module, images: torch.Tensor, reference: Reference) -> tuple[float, float]:
@@ -220,7 +221,7 @@ def optimise_bounds(
     def snapshot() -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in z.items()}
 
-    kept, fixed = _agreement(model, images, reference)
+    kept, _ = _agreement(model, images, reference)
     good = snapshot() if kept >= settings.target_agreement else None
     best = (kept, snapshot())
     previous_norm = norm_penalty(list(z.values()), settings.norm).item()
@@ -243,7 +244,7 @@ def optimise_bounds(
             with torch.no_grad():
                 for value in z.values():
                     value.clamp_(min=0)
-        kept, fixed = _agreement(model, images, reference)
+        kept, _ = _agreement(model, images, reference)
         if kept > best[0]:
             best = (kept, snapshot())
         if kept < settings.collapse_agreement:
