@@ -14,6 +14,7 @@ from fmfl_flwr.defense import (
     attach_bounds,
     bound_keys,
     bounded_layers,
+    bounds_disabled,
     ensure_bounds_for_state,
     get_bounds,
     make_defense,
@@ -210,3 +211,14 @@ def test_settings_from_run_config() -> None:
     assert (settings.c0, settings.objective, settings.lr, settings.seed) == (2.0, "mm-bm", 0.1, 3)
     with pytest.raises(ValueError, match="granularity"):
         BoundSettings.from_run_config({"bounds-granularity": "pixel"})
+
+
+def test_bounds_disabled_runs_unbounded_and_restores() -> None:
+    model = tiny().eval()
+    x = torch.rand(3, 1, 8, 8)
+    plain = model(x)
+    attach_bounds(model)
+    set_bounds(model, {"1.act_bound": torch.zeros(4, 1, 1)})
+    with bounds_disabled(model):
+        assert torch.equal(model(x), plain)
+    assert not torch.equal(model(x), plain)
