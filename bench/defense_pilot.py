@@ -125,14 +125,16 @@ def variants(env: dict, base: BoundSettings) -> dict[str, Callable[[], tuple[nn.
 
     memo: dict[str, nn.Module] = {}
 
-    def local_training(bounds_on: bool | None, **changes) -> Callable[[], tuple[nn.Module, dict]]:
+    def local_training(bounds_on: bool | None, model_key: str = "fused",
+                       teacher: torch.Tensor | None = ens, x: torch.Tensor = syn_x,
+                       **changes) -> Callable[[], tuple[nn.Module, dict]]:
         """One clean local epoch from the defended model, bounds on or off while training."""
         def run() -> tuple[nn.Module, dict]:
-            key = repr(sorted(changes.items()))
+            key = model_key + repr(sorted(changes.items()))
             if bounds_on is None:  # the control: no bounds at all
-                memo[key] = bounded_copy(env["fused"], [])
+                memo[key] = bounded_copy(env[model_key], [])
             elif key not in memo:
-                memo[key] = bounds("fused", syn_x, syn_y, ens, **changes)()[0]
+                memo[key] = bounds(model_key, x, syn_y, teacher, **changes)()[0]
             model = copy.deepcopy(memo[key])
             started = time.perf_counter()
             with contextlib.nullcontext() if bounds_on else bounds_disabled(model):
@@ -159,6 +161,10 @@ def variants(env: dict, base: BoundSettings) -> dict[str, Callable[[], tuple[nn.
         "badnets + mm-bm on clean D_syn, c0 5": bounds("badnets", clean_x, clean_y, None,
                                                        objective="mm-bm", c0=5.0),
         "badnets + pruning on clean D_syn": pruning("badnets", clean_x, clean_y),
+        "badnets, then a local epoch (no defense: the control)": local_training(
+            None, "badnets"),
+        "badnets + mm-bm on clean D_syn, then a local epoch with bounds on": local_training(
+            True, "badnets", None, clean_x, objective="mm-bm"),
         "fused + ensemble-switch, then a local epoch with bounds on": local_training(True),
         "fused + ensemble-switch, then a local epoch with bounds off": local_training(False),
         "fused, then a local epoch (no defense: the control)": local_training(None),
