@@ -17,6 +17,7 @@ from fmfl_flwr.defense import (
     bounds_disabled,
     ensure_bounds_for_state,
     get_bounds,
+    load_state_with_bounds,
     make_defense,
     optimise_bounds,
     prune_dormant,
@@ -222,3 +223,18 @@ def test_bounds_disabled_runs_unbounded_and_restores() -> None:
     with bounds_disabled(model):
         assert torch.equal(model(x), plain)
     assert not torch.equal(model(x), plain)
+
+
+def test_load_state_with_bounds_fits_either_way_round() -> None:
+    bounded = attach_bounds(tiny())
+    set_bounds(bounded, {"1.act_bound": torch.full((4, 1, 1), 0.3)})
+    plain_state, bounded_state = tiny().state_dict(), bounded.state_dict()
+    x = torch.rand(2, 1, 8, 8)
+    into_plain = load_state_with_bounds(tiny(), bounded_state).eval()
+    assert torch.equal(into_plain(x), bounded.eval()(x))
+    into_bounded = load_state_with_bounds(attach_bounds(tiny()), plain_state).eval()
+    reference = tiny().eval()
+    reference.load_state_dict(plain_state)
+    assert torch.equal(into_bounded(x), reference(x))
+    with pytest.raises(RuntimeError, match="does not fit"):
+        load_state_with_bounds(tiny(), {"0.weight": plain_state["0.weight"]})

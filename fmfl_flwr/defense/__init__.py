@@ -16,6 +16,7 @@ from fmfl_flwr.defense.bounds import (
     bounds_disabled,
     ensure_bounds_for_state,
     get_bounds,
+    load_state_with_bounds,
     set_bounds,
     strip_bounds,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "bounds_disabled",
     "ensure_bounds_for_state",
     "get_bounds",
+    "load_state_with_bounds",
     "make_defense",
     "optimise_bounds",
     "prune_dormant",

@@ -113,6 +113,23 @@ def ensure_bounds_for_state(model: nn.Module, state: dict[str, torch.Tensor]) ->
     return attach_bounds(model, layers) if layers else model
 
 
+def load_state_with_bounds(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """`ensure_bounds_for_state`, then load; bounds the state lacks stay unbounded.
+
+    The one call clients, fusion and evaluation need, whether or not the model or the
+    state is bounded; any other mismatch still fails as in a strict load.
+    """
+    ensure_bounds_for_state(model, state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    wrong = [k for k in missing if k not in bound_keys({k: None})] + list(unexpected)
+    if wrong:
+        raise RuntimeError(f"state does not fit the model: {wrong[:5]}")
+    for name, layer in bounded_layers(model).items():
+        if f"{name}.{BOUND_BUFFER}" in missing:
+            layer.act_bound = torch.tensor(UNBOUNDED, device=layer.act_bound.device)
+    return model
+
+
 def strip_bounds(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state without its bounds: the plain weights of the fused model."""
     drop = set(bound_keys(state))

@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from fmfl_flwr.defense.bounds import attach_bounds, ensure_bounds_for_state
+from fmfl_flwr.defense.bounds import attach_bounds, load_state_with_bounds
 from fmfl_flwr.defense.optimise import BoundSettings, optimise_bounds
 from fmfl_flwr.defense.pruning import prune_dormant
 from fmfl_flwr.registry import Registry
@@ -33,9 +33,7 @@ DEFENSES.add("none", None)
 
 def load_bounded(build_model: Callable[[], nn.Module], state: StateDict) -> nn.Module:
     """A fresh model carrying `state`, bounds included where the state has them."""
-    model = ensure_bounds_for_state(build_model(), state)
-    model.load_state_dict(state)
-    return model.eval()
+    return load_state_with_bounds(build_model(), state).eval()
 
 
 def ensemble_logits(
