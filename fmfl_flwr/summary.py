@@ -31,17 +31,23 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def _cell(value: Any) -> str:
+PERCENT_COLUMNS = ("acc", "asr", "client_acc")
+
+
+def _cell(value: Any, percent: bool) -> str:
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{100 * value:.2f}"
+        if math.isnan(value):
+            return "nan"
+        return f"{100 * value:.2f}" if percent else f"{value:.1f}"
     return str(value)
 
 
 def format_table(records: list[dict[str, Any]], columns: list[str],
                  header: dict[str, str] | None = None) -> str:
-    """A Markdown table; floats in [0, 1] metrics are shown as percentages."""
+    """A Markdown table; ACC/ASR-like columns (shares in [0, 1]) shown as percentages."""
     header = header or {}
     names = [header.get(c, c.upper()) for c in columns]
     lines = ["| " + " | ".join(names) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in records]
+    lines += ["| " + " | ".join(_cell(r.get(c, ""), c in PERCENT_COLUMNS) for c in columns)
+              + " |" for r in records]
     return "\n".join(lines)
