@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--per-class", type=int, default=1000)
     parser.add_argument("--fm-steps", type=int, default=10)
-    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--guidance", type=float, default=None, help="default: per FM kind")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--real-from", choices=("public", "train"), default="train")
     parser.add_argument("--trigger", default="", help="measure this trigger (e.g. badnets)")

@@ -83,7 +83,9 @@ def _fm_args(parser: argparse.ArgumentParser) -> None:
     _data_args(parser)
     parser.add_argument("--fm", required=True, help="pipeline folder or hub id")
     parser.add_argument("--fm-steps", type=int, default=25, help="sampling (DDIM) steps")
-    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free scale")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: 1 = off for the "
+                        "class-conditional FM, 7.5 for text-to-image)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
 
 
