@@ -55,7 +55,7 @@ class ExperimentConfig:
     # FM-FL
     fusion: bool = False
     fm: str = ""
-    fm_steps: int = field(default=25, metadata={"min": 1})
+    fm_steps: int = field(default=10, metadata={"min": 1})
     syn_per_class: int = field(default=1000, metadata={"min": 1})
     pretrain_epochs: int = field(default=2, metadata={"min": 0})
     distill_epochs: int = field(default=1, metadata={"min": 0})
