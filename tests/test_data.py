@@ -64,3 +64,13 @@ def test_data_fraction_keeps_a_seeded_subset(fmnist):
     assert len(part) == round(len(full) * 0.25) and set(part) <= set(full)
     again = client_indices(fmnist.train_y, 2, 10, "iid", 0.1, 0.1, seed=0, data_fraction=0.25)
     assert np.array_equal(part, again)
+
+
+def test_cifar10_from_the_image_folder_zip():
+    from conftest import SHARED_DATA
+
+    cifar = load_dataset("cifar10", str(SHARED_DATA))
+    assert cifar.train_x.shape == (50000, 3, 32, 32) and cifar.test_x.shape == (10000, 3, 32, 32)
+    assert np.bincount(cifar.test_y).tolist() == [1000] * 10
+    mean = cifar.train_x.mean(axis=(0, 2, 3)) / 255
+    assert np.allclose(mean, [0.4913, 0.4821, 0.4465], atol=0.02)
