@@ -16,10 +16,8 @@ from logging import INFO, WARNING
 from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import NDArray
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 from sklearn.cluster import HDBSCAN
 
@@ -31,10 +29,11 @@ from strategies.normclip import (
     require_global,
 )
 from strategies.registry import AGGREGATIONS
+from strategies.update_rule import UpdateRule
 
 
 @AGGREGATIONS.register("flame")
-class Flame(FedAvg):
+class Flame(UpdateRule):
     """FLAME: cluster, clip to the median norm, add noise.
 
     Parameters
@@ -62,20 +61,12 @@ class Flame(FedAvg):
         super().__init__(**kwargs)
         self.noise_lambda = noise_lambda
         self.rng = np.random.default_rng(seed)
-        self.current_arrays: ArrayRecord | None = None
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
         log(INFO, "\t├──> FLAME settings:")
         log(INFO, "\t│\t└── Noise lambda: %s", self.noise_lambda)
         super().summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Remember the global model (updates are client minus global), then configure."""
-        self.current_arrays = arrays
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self,

@@ -15,10 +15,8 @@ from logging import INFO, WARNING
 from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import NDArray
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from strategies.normclip import (
@@ -30,12 +28,13 @@ from strategies.normclip import (
     require_global,
 )
 from strategies.registry import AGGREGATIONS
+from strategies.update_rule import UpdateRule
 
 RootUpdateFn = Callable[[ArrayRecord], ArrayRecord]
 
 
 @AGGREGATIONS.register("fltrust")
-class FLTrust(FedAvg):
+class FLTrust(UpdateRule):
     """FLTrust: trust-weighted mean of updates rescaled to the root update's norm.
 
     Parameters
@@ -65,20 +64,12 @@ class FLTrust(FedAvg):
             )
         super().__init__(**kwargs)
         self.root_update_fn = root_update_fn
-        self.current_arrays: ArrayRecord | None = None
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
         log(INFO, "\t├──> FLTrust settings:")
         log(INFO, "\t│\t└── Root update: %s", getattr(self.root_update_fn, "__name__", "?"))
         super().summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Remember the global model (updates are client minus global), then configure."""
-        self.current_arrays = arrays
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self,

@@ -16,18 +16,17 @@ from logging import INFO
 from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import NDArray
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from strategies.normclip import apply_update, model_updates, reply_arrays, require_global
 from strategies.registry import AGGREGATIONS
+from strategies.update_rule import UpdateRule
 
 
 @AGGREGATIONS.register("foolsgold")
-class FoolsGold(FedAvg):
+class FoolsGold(UpdateRule):
     """FoolsGold: weight each update by how unlike the other clients' histories it is.
 
     The new global model is ``g + sum_i a_i u_i / sum_i a_i`` with ``a_i`` from
@@ -57,20 +56,12 @@ class FoolsGold(FedAvg):
         super().__init__(**kwargs)
         self.confidence = confidence
         self.history: dict[int, NDArray] = {}
-        self.current_arrays: ArrayRecord | None = None
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
         log(INFO, "\t├──> FoolsGold settings:")
         log(INFO, "\t│\t└── Confidence: %s", self.confidence)
         super().summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Remember the global model (updates are client minus global), then configure."""
-        self.current_arrays = arrays
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self,

@@ -19,17 +19,17 @@ from logging import INFO
 from typing import Any, ClassVar, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import NDArray
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.supercore import log
 
 from strategies.registry import AGGREGATIONS
+from strategies.update_rule import UpdateRule
 
 
 @AGGREGATIONS.register("normclip")
-class NormClip(FedAvg):
+class NormClip(UpdateRule):
     """NormThr: clip every update to an L2 bound, then take the weighted mean.
 
     The new global model is ``g + sum_i n_i clip(w_i - g) / sum_i n_i`` with
@@ -51,20 +51,12 @@ class NormClip(FedAvg):
             raise ValueError(f"normclip-bound must be positive, got {bound}")
         super().__init__(**kwargs)
         self.bound = bound
-        self.current_arrays: ArrayRecord | None = None
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
         log(INFO, "\t├──> NormClip settings:")
         log(INFO, "\t│\t└── Norm bound: %s", self.bound)
         super().summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Remember the global model (updates are client minus global), then configure."""
-        self.current_arrays = arrays
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self,

@@ -16,10 +16,8 @@ from logging import INFO, WARNING
 from typing import Any, ClassVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import NDArray
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from strategies.normclip import (
@@ -30,10 +28,11 @@ from strategies.normclip import (
     require_global,
 )
 from strategies.registry import AGGREGATIONS
+from strategies.update_rule import UpdateRule
 
 
 @AGGREGATIONS.register("rlr")
-class RobustLR(FedAvg):
+class RobustLR(UpdateRule):
     """RLR: FedAvg whose server learning rate flips sign where the clients disagree.
 
     The new global model is ``g + lr_vector * sum_i n_i u_i / sum_i n_i`` with
@@ -59,7 +58,6 @@ class RobustLR(FedAvg):
         super().__init__(**kwargs)
         self.threshold = threshold
         self.server_lr = server_lr
-        self.current_arrays: ArrayRecord | None = None
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
@@ -67,13 +65,6 @@ class RobustLR(FedAvg):
         log(INFO, "\t│\t├── Sign-agreement threshold: %s", self.threshold)
         log(INFO, "\t│\t└── Server learning rate: %s", self.server_lr)
         super().summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Remember the global model (updates are client minus global), then configure."""
-        self.current_arrays = arrays
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self,
