@@ -33,6 +33,19 @@ FLOWER_ENV = {
 }
 
 
+def flower_env(extra: dict[str, str] | None, flwr_home: Path) -> dict[str, str]:
+    """The environment of the Flower processes a launch starts.
+
+    The interpreter's bin folder goes first on PATH: Flower starts its own executables
+    (flower-superlink, flower-superexec, flwr-serverapp) by name, and a virtual
+    environment used without activation (`.venv/bin/pytest`) is not on PATH otherwise.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    return {"FMFL_FM_DIR": str(FM_DIR), **os.environ, **FLOWER_ENV, **(extra or {}),
+            "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+            "FLWR_HOME": str(flwr_home)}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -83,8 +96,7 @@ def run_simulation(run_config: dict[str, Any], num_supernodes: int = 10,
     write_connection_config(flwr_home)
     overrides = flwr_home / "run-config.toml"
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
-    full_env = {"FMFL_FM_DIR": str(FM_DIR), **os.environ, **FLOWER_ENV, **(env or {}),
-                "FLWR_HOME": str(flwr_home),
+    full_env = {**flower_env(env, flwr_home),
                 "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
                 "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
     command = [str(Path(sys.executable).with_name("flwr")), "run", str(app_dir),
@@ -139,8 +151,7 @@ class Deployment:
         self.log_path = Path(log_path or self.workdir / "deployment.log")
         self.security = security
         self.port = free_port()
-        self.env = {"FMFL_FM_DIR": str(FM_DIR), **os.environ, **FLOWER_ENV, **(env or {}),
-                    "FLWR_HOME": str(self.flwr_home)}
+        self.env = flower_env(env, self.flwr_home)
         self.processes: list[subprocess.Popen[bytes]] = []
         self._bin = Path(sys.executable).parent
         self._log: IO[str] | None = None
