@@ -26,7 +26,6 @@ from strategies.normclip import (
     clip_updates,
     model_updates,
     reply_arrays,
-    require_global,
 )
 from strategies.registry import AGGREGATIONS
 from strategies.update_rule import UpdateRule
@@ -74,11 +73,10 @@ class Flame(UpdateRule):
         replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate ArrayRecords and MetricRecords in the received Messages."""
-        valid_replies, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid_replies:
+        checked = self.checked_replies(replies, "flame")
+        if checked is None:
             return None, None
-        global_arrays = require_global(self.current_arrays, "flame")
-        contents = [msg.content for msg in valid_replies]
+        _, contents, global_arrays = checked
         updates = model_updates(reply_arrays(contents), global_arrays)
 
         admitted = select_majority_cluster(updates)

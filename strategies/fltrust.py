@@ -25,7 +25,6 @@ from strategies.normclip import (
     float_keys,
     model_updates,
     reply_arrays,
-    require_global,
 )
 from strategies.registry import AGGREGATIONS
 from strategies.update_rule import UpdateRule
@@ -77,11 +76,10 @@ class FLTrust(UpdateRule):
         replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate ArrayRecords and MetricRecords in the received Messages."""
-        valid_replies, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid_replies:
+        checked = self.checked_replies(replies, "fltrust")
+        if checked is None:
             return None, None
-        global_arrays = require_global(self.current_arrays, "fltrust")
-        contents = [msg.content for msg in valid_replies]
+        _, contents, global_arrays = checked
         records = reply_arrays(contents)
         updates = model_updates(records, global_arrays)
         keys = float_keys(records[0])

@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import NDArray
 from flwr.supercore import log
 
-from strategies.normclip import apply_update, model_updates, reply_arrays, require_global
+from strategies.normclip import apply_update, model_updates, reply_arrays
 from strategies.registry import AGGREGATIONS
 from strategies.update_rule import UpdateRule
 
@@ -69,11 +69,10 @@ class FoolsGold(UpdateRule):
         replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate ArrayRecords and MetricRecords in the received Messages."""
-        valid_replies, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid_replies:
+        checked = self.checked_replies(replies, "foolsgold")
+        if checked is None:
             return None, None
-        global_arrays = require_global(self.current_arrays, "foolsgold")
-        contents = [msg.content for msg in valid_replies]
+        valid_replies, contents, global_arrays = checked
         records = reply_arrays(contents)
         updates = model_updates(records, global_arrays)
 

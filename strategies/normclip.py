@@ -64,11 +64,10 @@ class NormClip(UpdateRule):
         replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate ArrayRecords and MetricRecords in the received Messages."""
-        valid_replies, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid_replies:
+        checked = self.checked_replies(replies, "normclip")
+        if checked is None:
             return None, None
-        global_arrays = require_global(self.current_arrays, "normclip")
-        contents = [msg.content for msg in valid_replies]
+        _, contents, global_arrays = checked
         records = reply_arrays(contents)
         weights = reply_weights(contents, self.weighted_by_key)
 
@@ -256,13 +255,3 @@ def reply_weights(contents: list[RecordDict], weighted_by_key: str) -> NDArray:
     return np.array(
         [float(next(iter(c.metric_records.values()))[weighted_by_key]) for c in contents]  # type: ignore[arg-type]
     )
-
-
-def require_global(arrays: ArrayRecord | None, rule: str) -> ArrayRecord:
-    """The global model captured by `configure_train`, or a clear error without one."""
-    if arrays is None:
-        raise RuntimeError(
-            f"aggregation={rule!r} needs the global model: call configure_train (or set "
-            "`current_arrays`) before aggregate_train"
-        )
-    return arrays
