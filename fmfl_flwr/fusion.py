@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fmfl_flwr.defense.bounds import ensure_bounds_for_state
-from fmfl_flwr.training import default_device, predict_logits, seeded_generator, train_epochs
+from fmfl_flwr.training import default_device, minimise, predict_logits, train_epochs
 
 StateDict = dict[str, torch.Tensor]
 
@@ -63,25 +63,18 @@ def distill(model: nn.Module, teacher_logits: torch.Tensor, syn_x: torch.Tensor,
     device = default_device()
     model.to(device).train()
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    generator = seeded_generator(round_seed)
     tau, alpha = settings.tau, settings.alpha
-    total, count = 0.0, 0
-    for _ in range(settings.epochs):
-        order = torch.randperm(len(syn_x), generator=generator)
-        for start in range(0, len(order), settings.batch_size):
-            batch = order[start : start + settings.batch_size]
-            x, y = syn_x[batch].to(device), syn_y[batch].to(device)
-            logits = model(x)
-            kl = F.kl_div(F.log_softmax(logits / tau, 1),
-                          F.softmax(teacher_logits[batch].to(device) / tau, 1),
-                          reduction="batchmean")
-            loss = alpha * F.cross_entropy(logits, y) + (1 - alpha) * tau**2 * kl
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
-    return total / max(count, 1)
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        logits = model(syn_x[batch].to(device))
+        kl = F.kl_div(F.log_softmax(logits / tau, 1),
+                      F.softmax(teacher_logits[batch].to(device) / tau, 1),
+                      reduction="batchmean")
+        return alpha * F.cross_entropy(logits, syn_y[batch].to(device)) + \
+            (1 - alpha) * tau**2 * kl
+
+    return minimise(optimiser, len(syn_x), settings.epochs, settings.batch_size, round_seed,
+                    batch_loss)
 
 
 class Fusion:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -14,6 +16,25 @@ def default_device() -> torch.device:
 
 def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
+
+
+def minimise(optimiser: torch.optim.Optimizer, num_samples: int, epochs: int,
+             batch_size: int, seed: int,
+             batch_loss: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """`epochs` passes of seeded shuffled mini-batches (index tensors); the mean loss."""
+    generator = seeded_generator(seed)
+    total, count = 0.0, 0
+    for _ in range(epochs):
+        order = torch.randperm(num_samples, generator=generator)
+        for start in range(0, num_samples, batch_size):
+            batch = order[start : start + batch_size]
+            loss = batch_loss(batch)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+    return total / max(count, 1)
 
 
 def train_epochs(
@@ -33,20 +54,11 @@ def train_epochs(
     model.to(device).train()
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay)
-    generator = seeded_generator(seed)
-    total, count = 0.0, 0
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            x, y = images[batch].to(device), labels[batch].to(device)
-            loss = F.cross_entropy(model(x), y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
-    return total / max(count, 1)
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(images[batch].to(device)), labels[batch].to(device))
+
+    return minimise(optimiser, len(images), epochs, batch_size, seed, batch_loss)
 
 
 @torch.no_grad()
