@@ -67,7 +67,8 @@ class ExperimentConfig:
     # activation-bounds knobs (fmfl_flwr.defense.BoundSettings; docs/defense.md)
     bounds_objective: str = field(default="ensemble-switch", metadata=_choices(
         "mm-bm", "agree", "ensemble-switch", "mmac"))
-    bounds_granularity: str = field(default="channel", metadata=_choices("channel", "layer"))
+    bounds_granularity: str = field(default="channel",
+                                    metadata=_choices("channel", "neuron", "layer"))
     bounds_epochs: int = field(default=20, metadata={"min": 1})
     bounds_samples: int = field(default=1000, metadata={"min": 1})
     bounds_lr: float = field(default=0.1, metadata={"min_exclusive": 0.0})

@@ -238,3 +238,27 @@ def test_load_state_with_bounds_fits_either_way_round() -> None:
     assert torch.equal(into_bounded(x), reference(x))
     with pytest.raises(RuntimeError, match="does not fit"):
         load_state_with_bounds(tiny(), {"0.weight": plain_state["0.weight"]})
+
+
+def test_neuron_granularity_bounds_each_unit(trained) -> None:
+    """One bound per spatial unit: a corner unit quiet on the data gets a tight bound."""
+    model, images, labels = trained
+    bounded = attach_bounds(tiny())
+    bounded.load_state_dict(model.state_dict(), strict=False)
+    images = images[:200].clone()
+    images[:, :, :2, :2] = 0.0  # the top-left corner is dark on every reference image
+    per_unit = quantile_bounds(bounded, images, 1.0, "neuron")
+    per_channel = quantile_bounds(bounded, images, 1.0, "channel")
+    conv, fc = "1.act_bound", "4.act_bound"
+    assert per_unit[conv].shape == (4, 8, 8) and per_channel[conv].shape == (4, 1, 1)
+    assert per_unit[fc].shape == per_channel[fc].shape == (16,)
+    # Each unit's bound is its own peak: never above its channel's peak, below it somewhere.
+    assert (per_unit[conv] <= per_channel[conv] + 1e-6).all()
+    assert (per_unit[conv][:, 0, 0] < per_channel[conv][:, 0, 0]).any()
+    with torch.no_grad():
+        peak = bounded[1](bounded[0](images)).amax(0)
+    assert torch.allclose(per_unit[conv], peak.clamp_min(1e-3))
+    settings = BoundSettings(objective="mm-bm", granularity="neuron", batch_size=100, epochs=3)
+    bounds, _ = optimise_bounds(bounded, images, labels[:200], settings=settings)
+    assert bounds[conv].shape == (4, 8, 8)
+    assert BoundSettings.from_run_config({"bounds-granularity": "neuron"}).granularity == "neuron"

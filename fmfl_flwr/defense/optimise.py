@@ -36,7 +36,7 @@ from fmfl_flwr.defense.objectives import (
 )
 from fmfl_flwr.training import predict_logits, seeded_generator
 
-GRANULARITIES = ("channel", "layer")
+GRANULARITIES = ("channel", "neuron", "layer")
 RUN_CONFIG_PREFIX = "bounds-"
 
 
@@ -45,7 +45,8 @@ class BoundSettings:
     """Every knob of the bound optimisation; defaults measured in bench/defense_pilot.py."""
 
     objective: str = "ensemble-switch"
-    granularity: str = "channel"  # "channel": [C,1,1] / [F]; "layer": one scalar per layer
+    # "channel": [C,1,1] / [F]; "neuron": one per unit, [C,H,W] / [F]; "layer": a scalar
+    granularity: str = "channel"
     init: str = "quantile"  # "quantile" of each channel's per-sample peak, or "constant"
     init_quantile: float = 0.99
     init_value: float = 8.0  # the constant init (MM-BM)
@@ -115,7 +116,8 @@ def quantile_bounds(
     def hook(name: str):
         def record(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
             shapes[name] = bound_shape(output)
-            peaks[name].append(output.flatten(2).amax(2) if output.dim() > 2 else output)
+            per_unit = granularity == "neuron" or output.dim() <= 2
+            peaks[name].append(output if per_unit else output.flatten(2).amax(2))
 
         return record
 
@@ -131,10 +133,19 @@ def quantile_bounds(
         peak = torch.cat(chunks)
         if granularity == "layer":
             value = torch.quantile(peak.flatten(), quantile).reshape(())
+        elif granularity == "neuron":
+            value = _column_quantile(peak.flatten(1), quantile).reshape(peak.shape[1:])
         else:
             value = torch.quantile(peak, quantile, dim=0).reshape(shapes[name])
         out[f"{name}.{BOUND_BUFFER}"] = value.clamp_min(1e-3)
     return out
+
+
+def _column_quantile(values: torch.Tensor, quantile: float, chunk: int = 2**23) -> torch.Tensor:
+    """`torch.quantile(values, q, dim=0)` in column chunks (it refuses inputs over 2**24)."""
+    step = max(1, chunk // max(len(values), 1))
+    return torch.cat([torch.quantile(values[:, i : i + step], quantile, dim=0)
+                      for i in range(0, values.shape[1], step)])
 
 
 def _initial_bounds(

@@ -1,0 +1,168 @@
+"""FM-FL in one process: the ServerApp's round loop without Flower, for defense research.
+
+Same library calls as the Flower app (partitions, client training with the served bounds,
+attacks, FedAvg by sample count, pre-training, fusion, the post-fusion defense, ACC/ASR on
+the real test set), minus Ray and messaging, so a setting takes minutes instead of tens of
+minutes. Besides the global model it measures the pre-fusion client ensemble (mean client
+logits) each round: the defense's reference is only as clean as that ensemble. Results are
+indicative; the numbers to report come from `flwr run` (seeds and sampling differ).
+
+    python bench/fmfl_loop.py --set fusion=true fm-attack=poisoned-pipeline \
+        poison-ratio=0.2 distill-alpha=0.9 defense=activation-bounds --out results/loop.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fmfl_flwr import attacks
+from fmfl_flwr.app_config import parse_app_config, with_default_fm
+from fmfl_flwr.data import load_dataset, to_float
+from fmfl_flwr.defense import load_state_with_bounds
+from fmfl_flwr.foundation import synthetic_set_for_config
+from fmfl_flwr.fusion import Fusion, FusionSettings, pretrain
+from fmfl_flwr.metrics import acc_and_asr
+from fmfl_flwr.models import build_model
+from fmfl_flwr.partition import client_indices
+from fmfl_flwr.training import predict_logits, train_epochs
+from server_app import defense_step, seed_everything
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_config(overrides: list[str]) -> dict:
+    """The app's default run config with `key=value` overrides (TOML values)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    for item in overrides:
+        key, _, value = item.partition("=")
+        try:
+            config[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            config[key] = value
+    return config
+
+
+def fedavg(states: list[dict], weights: list[float]) -> dict:
+    total = sum(weights)
+    return {k: sum(s[k].double() * w for s, w in zip(states, weights, strict=True))
+            .div(total).to(v.dtype) for k, v in states[0].items()}
+
+
+def train_client(config, model_fn, state, images, labels, malicious, rank, num_malicious,
+                 server_round, partition_id, image_shape, clients_per_round):
+    """One client's round, as client_app.train does it (bounds on while training)."""
+    round_seed = config.seed * 1_000_003 + server_round * 1009 + partition_id
+    if malicious and attacks.attacks_in_round(config, server_round):
+        trigger = attacks.client_trigger(config, image_shape, rank, num_malicious)
+        images, labels, _ = attacks.poison_samples(images, labels, trigger, config.poison_ratio,
+                                                   config.target_label, round_seed)
+    model = load_state_with_bounds(model_fn(), state)
+    torch.manual_seed(round_seed)
+    train_epochs(model, images, labels, config.local_epochs, config.batch_size, config.lr,
+                 round_seed, momentum=config.momentum)
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if malicious and config.client_attack == "scaling" and \
+            attacks.attacks_in_round(config, server_round):
+        boost = attacks.default_boost(config, clients_per_round, num_malicious)
+        trained = attacks.boost_update(state, trained, boost, config.attack_norm_bound)
+    return trained
+
+
+def ensemble_metrics(model_fn, states, test_x, test_y, trigger, target) -> dict[str, float]:
+    """ACC and ASR of the mean client logits (each client as served, bounds on)."""
+    keep = test_y != target
+    stamped = trigger.stamp(test_x[keep])
+    clean = sum(predict_logits(load_state_with_bounds(model_fn(), s), test_x) for s in states)
+    poisoned = sum(predict_logits(load_state_with_bounds(model_fn(), s), stamped)
+                   for s in states)
+    return {"ensemble-acc": (clean.argmax(1) == test_y).float().mean().item(),
+            "ensemble-asr": (poisoned.argmax(1) == target).float().mean().item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", nargs="*", default=[], help="run-config overrides key=value")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    raw = run_config(args.set)
+    config = with_default_fm(parse_app_config(raw))
+    dataset = load_dataset(config.dataset, config.data_dir)
+    needs_syn = config.fusion or config.defense != "none"
+    syn = synthetic_set_for_config(config) if needs_syn else None
+    syn = (syn.images, syn.labels) if syn else None
+
+    def model_fn():
+        return build_model(config.model, config.dataset, dataset.num_classes, config.model_width)
+
+    seed_everything(config.seed)
+    parts = [client_indices(dataset.train_y, i, args.clients, config.partition,
+                            config.dirichlet_alpha, config.public_fraction, config.seed,
+                            config.data_fraction) for i in range(args.clients)]
+    data = [(to_float(dataset.train_x[p]), torch.as_tensor(dataset.train_y[p])) for p in parts]
+    malicious = sorted(attacks.malicious_partitions(config, args.clients))
+    test_x, test_y = to_float(dataset.test_x), torch.as_tensor(dataset.test_y)
+    trigger = attacks.evaluation_trigger(config, dataset.image_shape)
+    model = model_fn()
+    settings = FusionSettings(config.pretrain_epochs, config.distill_epochs,
+                              config.distill_alpha, config.distill_tau, config.distill_lr,
+                              config.distill_batch_size, config.seed)
+    if config.fusion:
+        pretrain(model, *syn, settings)
+    fusion = Fusion(model_fn, *syn, settings) if config.fusion else None
+    defense = defense_step(config, dataset, model_fn, syn, fusion) if needs_syn else None
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = [{"round": 0, **acc_and_asr(model, test_x, test_y, trigger, config.target_label)}]
+    print(rows[-1], flush=True)
+    rng = np.random.default_rng(config.seed)
+    per_round = max(2, int(args.clients * config.fraction_train))
+    for server_round in range(1, config.num_server_rounds + 1):
+        started = time.perf_counter()
+        chosen = sorted(rng.choice(args.clients, per_round, replace=False)) \
+            if per_round < args.clients else list(range(args.clients))
+        states = [train_client(config, model_fn, state, *data[i], i in malicious,
+                               malicious.index(i) if i in malicious else -1, len(malicious),
+                               server_round, i, dataset.image_shape, per_round)
+                  for i in chosen]
+        weights = [float(len(data[i][1])) for i in chosen]
+        train_time = time.perf_counter() - started
+        state = fedavg(states, weights)
+        row = {"round": server_round, "train-time": train_time}
+        if fusion:
+            t = time.perf_counter()
+            state = fusion(server_round, state, states, weights)
+            row["fusion-time"] = time.perf_counter() - t
+        if defense:
+            t = time.perf_counter()
+            state = defense(server_round, state, states, weights)
+            row["defense-time"] = time.perf_counter() - t
+            history = getattr(defense, "history", None)
+            if history:
+                row.update({f"defense-{k}": v for k, v in history[-1].items() if k != "round"})
+        row["round-time"] = time.perf_counter() - started
+        model = load_state_with_bounds(model_fn(), state)
+        row.update(acc_and_asr(model, test_x, test_y, trigger, config.target_label))
+        row.update(ensemble_metrics(model_fn, states, test_x, test_y, trigger,
+                                    config.target_label))
+        rows.append(row)
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
+              flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "overrides": args.set, "clients": args.clients, "rows": rows,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__},
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
