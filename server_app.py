@@ -121,7 +121,8 @@ def main(grid: Grid, context: Context) -> None:
     model = model_fn()
     settings = FusionSettings(config.pretrain_epochs, config.distill_epochs,
                               config.distill_alpha, config.distill_tau, config.distill_lr,
-                              config.distill_batch_size, config.seed)
+                              config.distill_batch_size, config.seed,
+                              through_bounds=config.distill_bounds)
     pretrain_time = 0.0
     if resumed:
         model.load_state_dict(resumed["state"])

@@ -115,7 +115,8 @@ def main() -> None:
     model = model_fn()
     settings = FusionSettings(config.pretrain_epochs, config.distill_epochs,
                               config.distill_alpha, config.distill_tau, config.distill_lr,
-                              config.distill_batch_size, config.seed)
+                              config.distill_batch_size, config.seed,
+                              through_bounds=config.distill_bounds)
     if config.fusion:
         pretrain(model, *syn, settings)
     fusion = Fusion(model_fn, *syn, settings) if config.fusion else None

@@ -12,13 +12,14 @@ distillation direction (teacher first), as FedDF and Hinton et al. do.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fmfl_flwr.defense.bounds import ensure_bounds_for_state
+from fmfl_flwr.defense.bounds import bounds_disabled, ensure_bounds_for_state
 from fmfl_flwr.training import default_device, minimise, predict_logits, train_epochs
 
 StateDict = dict[str, torch.Tensor]
@@ -33,6 +34,7 @@ class FusionSettings:
     lr: float = 0.001
     batch_size: int = 64
     seed: int = 0
+    through_bounds: bool = True  # distil with the served activation bounds on
 
 
 def pretrain(model: nn.Module, syn_x: torch.Tensor, syn_y: torch.Tensor,
@@ -100,6 +102,9 @@ class Fusion:
             return state
         ensure_bounds_for_state(model, state).load_state_dict(state)
         torch.manual_seed(self.settings.seed * 7919 + server_round)
-        self.last_loss = distill(model, self.last_ensemble_logits, self.syn_x, self.syn_y,
-                                 self.settings, self.settings.seed * 7919 + server_round)
+        # Through the bounds, distillation can re-learn the backdoor on paths the bounds
+        # leave open; without them it learns it unbounded and the defense refits after.
+        with nullcontext(model) if self.settings.through_bounds else bounds_disabled(model):
+            self.last_loss = distill(model, self.last_ensemble_logits, self.syn_x, self.syn_y,
+                                     self.settings, self.settings.seed * 7919 + server_round)
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -59,3 +59,22 @@ def test_fusion_step_is_deterministic_and_keeps_the_ensemble():
     second = Fusion(_tiny, x, y, FusionSettings(epochs=2, seed=3))(1, start, clients, [1, 1, 1])
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert any(not torch.equal(first[k], start[k]) for k in first)
+
+
+def test_distillation_through_bounds_or_not():
+    """With bounds at 0 every hidden unit is dead: no gradient reaches the first layer
+    through the bounds; with `through_bounds=False` it trains, and the bounds stay."""
+    from fmfl_flwr.defense import attach_bounds, bound_keys
+
+    torch.manual_seed(0)
+    x, y = _data()
+    clients = [_tiny().state_dict() for _ in range(2)]
+    start = attach_bounds(_tiny())
+    start[2].act_bound = torch.zeros(8)
+    state = start.state_dict()
+    first = "1.weight"
+    for through, moves in ((True, False), (False, True)):
+        fusion = Fusion(lambda: _tiny(), x, y, FusionSettings(epochs=1, through_bounds=through))
+        fused = fusion(1, state, clients, [1.0, 1.0])
+        assert (not torch.equal(fused[first], state[first])) == moves
+        assert all(torch.equal(fused[k], state[k]) for k in bound_keys(state))
