@@ -63,7 +63,7 @@ class ExperimentConfig:
     distill_tau: float = field(default=2.0, metadata={"min_exclusive": 0.0})
     distill_lr: float = field(default=0.001, metadata={"min_exclusive": 0.0})
     distill_batch_size: int = field(default=64, metadata={"min": 1})
-    distill_bounds: bool = True  # fusion distils through the served bounds (false: off)
+    distill_bounds: bool = False  # fusion distils with the served bounds off (docs/defense.md)
     defense: str = "none"  # checked against the defense registry (fmfl_flwr.app_config)
     # activation-bounds knobs (fmfl_flwr.defense.BoundSettings; docs/defense.md)
     bounds_objective: str = field(default="ensemble-switch", metadata=_choices(
