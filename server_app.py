@@ -16,7 +16,12 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fmfl_flwr import attacks
-from fmfl_flwr.app_config import bound_settings, parse_app_config, with_default_fm
+from fmfl_flwr.app_config import (
+    bound_settings,
+    fusion_settings,
+    parse_app_config,
+    with_default_fm,
+)
 from fmfl_flwr.checkpoint import FILE as CHECKPOINT_FILE
 from fmfl_flwr.checkpoint import (
     load_checkpoint,
@@ -28,7 +33,7 @@ from fmfl_flwr.config import ExperimentConfig
 from fmfl_flwr.data import load_dataset, to_float
 from fmfl_flwr.defense import ensure_bounds_for_state, make_defense
 from fmfl_flwr.foundation import synthetic_set_for_config
-from fmfl_flwr.fusion import Fusion, FusionSettings, pretrain
+from fmfl_flwr.fusion import Fusion, pretrain
 from fmfl_flwr.metrics import acc_and_asr
 from fmfl_flwr.models import build_model
 from fmfl_flwr.partition import public_split
@@ -119,10 +124,7 @@ def main(grid: Grid, context: Context) -> None:
 
     seed_everything(config.seed)
     model = model_fn()
-    settings = FusionSettings(config.pretrain_epochs, config.distill_epochs,
-                              config.distill_alpha, config.distill_tau, config.distill_lr,
-                              config.distill_batch_size, config.seed,
-                              through_bounds=config.distill_bounds)
+    settings = fusion_settings(config)
     pretrain_time = 0.0
     if resumed:
         model.load_state_dict(resumed["state"])

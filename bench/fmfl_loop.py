@@ -7,8 +7,8 @@ minutes. Besides the global model it measures the pre-fusion client ensemble (me
 logits) each round: the defense's reference is only as clean as that ensemble. Results are
 indicative; the numbers to report come from `flwr run` (seeds and sampling differ).
 
-    python bench/fmfl_loop.py --set fusion=true fm-attack=poisoned-pipeline \
-        poison-ratio=0.2 distill-alpha=0.9 defense=activation-bounds --out results/loop.json
+    python bench/fmfl_loop.py --set fusion=true fm-attack="'poisoned-pipeline'" \
+        poison-ratio=0.2 distill-alpha=0.9 defense="'activation-bounds'" --out results/loop.json
 """
 
 from __future__ import annotations
@@ -18,37 +18,22 @@ import json
 import os
 import platform
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fmfl_flwr import attacks
-from fmfl_flwr.app_config import parse_app_config, with_default_fm
+from fmfl_flwr.app_config import fusion_settings, parse_app_config
+from fmfl_flwr.cli import app_defaults, parse_overrides
 from fmfl_flwr.data import load_dataset, to_float
 from fmfl_flwr.defense import load_state_with_bounds
-from fmfl_flwr.foundation import synthetic_set_for_config
-from fmfl_flwr.fusion import Fusion, FusionSettings, pretrain
+from fmfl_flwr.fusion import Fusion, pretrain
 from fmfl_flwr.metrics import acc_and_asr
 from fmfl_flwr.models import build_model
 from fmfl_flwr.partition import client_indices
 from fmfl_flwr.training import predict_logits, train_epochs
-from server_app import defense_step, seed_everything
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_config(overrides: list[str]) -> dict:
-    """The app's default run config with `key=value` overrides (TOML values)."""
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    for item in overrides:
-        key, _, value = item.partition("=")
-        try:
-            config[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            config[key] = value
-    return config
+from server_app import defense_step, seed_everything, synthetic_data
 
 
 def fedavg(states: list[dict], weights: list[float]) -> dict:
@@ -79,27 +64,26 @@ def train_client(config, model_fn, state, images, labels, malicious, rank, num_m
 
 def ensemble_metrics(model_fn, states, test_x, test_y, trigger, target) -> dict[str, float]:
     """ACC and ASR of the mean client logits (each client as served, bounds on)."""
-    keep = test_y != target
-    stamped = trigger.stamp(test_x[keep])
-    clean = sum(predict_logits(load_state_with_bounds(model_fn(), s), test_x) for s in states)
-    poisoned = sum(predict_logits(load_state_with_bounds(model_fn(), s), stamped)
-                   for s in states)
+    stamped = trigger.stamp(test_x[test_y != target])
+    clean, poisoned = 0, 0
+    for state in states:
+        model = load_state_with_bounds(model_fn(), state)
+        clean = clean + predict_logits(model, test_x)
+        poisoned = poisoned + predict_logits(model, stamped)
     return {"ensemble-acc": (clean.argmax(1) == test_y).float().mean().item(),
             "ensemble-asr": (poisoned.argmax(1) == target).float().mean().item()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", nargs="*", default=[], help="run-config overrides key=value")
+    parser.add_argument("--set", nargs="*", default=[],
+                        help="run-config overrides key=value, values in TOML as in flwr run")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    raw = run_config(args.set)
-    config = with_default_fm(parse_app_config(raw))
+    config = parse_app_config({**app_defaults(), **parse_overrides(" ".join(args.set))})
     dataset = load_dataset(config.dataset, config.data_dir)
-    needs_syn = config.fusion or config.defense != "none"
-    syn = synthetic_set_for_config(config) if needs_syn else None
-    syn = (syn.images, syn.labels) if syn else None
+    syn = synthetic_data(config)
 
     def model_fn():
         return build_model(config.model, config.dataset, dataset.num_classes, config.model_width)
@@ -113,14 +97,11 @@ def main() -> None:
     test_x, test_y = to_float(dataset.test_x), torch.as_tensor(dataset.test_y)
     trigger = attacks.evaluation_trigger(config, dataset.image_shape)
     model = model_fn()
-    settings = FusionSettings(config.pretrain_epochs, config.distill_epochs,
-                              config.distill_alpha, config.distill_tau, config.distill_lr,
-                              config.distill_batch_size, config.seed,
-                              through_bounds=config.distill_bounds)
+    settings = fusion_settings(config)
     if config.fusion:
         pretrain(model, *syn, settings)
     fusion = Fusion(model_fn, *syn, settings) if config.fusion else None
-    defense = defense_step(config, dataset, model_fn, syn, fusion) if needs_syn else None
+    defense = defense_step(config, dataset, model_fn, syn, fusion)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rows = [{"round": 0, **acc_and_asr(model, test_x, test_y, trigger, config.target_label)}]
     print(rows[-1], flush=True)

@@ -10,6 +10,7 @@ from typing import Any
 from fmfl_flwr.config import ConfigError, ExperimentConfig
 from fmfl_flwr.data import cache_dir
 from fmfl_flwr.defense import DEFENSES, BoundSettings
+from fmfl_flwr.fusion import FusionSettings
 from strategies import AGGREGATIONS, aggregation_params
 
 
@@ -35,6 +36,13 @@ def with_default_fm(config: ExperimentConfig) -> ExperimentConfig:
     root = Path(os.environ["FMFL_FM_DIR"]) if os.environ.get("FMFL_FM_DIR") else \
         cache_dir() / "fm"
     return replace(config, fm=str(root.expanduser().resolve() / config.dataset))
+
+
+def fusion_settings(config: ExperimentConfig) -> FusionSettings:
+    """FM-FL fusion's knobs of a run config."""
+    return FusionSettings(config.pretrain_epochs, config.distill_epochs, config.distill_alpha,
+                          config.distill_tau, config.distill_lr, config.distill_batch_size,
+                          config.seed, through_bounds=config.distill_bounds)
 
 
 def bound_settings(config: ExperimentConfig) -> BoundSettings:

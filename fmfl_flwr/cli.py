@@ -27,14 +27,14 @@ def parse_overrides(text: str) -> dict:
     return tomllib.loads("\n".join(text.split()))
 
 
-def _app_defaults() -> dict:
+def app_defaults() -> dict:
     return tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """One Flower simulation run of the app, then its result table."""
     overrides = parse_overrides(args.run_config)
-    full = {**_app_defaults(), **overrides}
+    full = {**app_defaults(), **overrides}
     config = parse_app_config(full)
     output = resolve_output_dir(config.output_dir)
     overrides["output-dir"] = str(output)

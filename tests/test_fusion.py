@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from fmfl_flwr.defense import attach_bounds, bound_keys
 from fmfl_flwr.fusion import Fusion, FusionSettings, distill, ensemble_logits, pretrain
 from fmfl_flwr.training import predict_logits
 
@@ -64,8 +65,6 @@ def test_fusion_step_is_deterministic_and_keeps_the_ensemble():
 def test_distillation_through_bounds_or_not():
     """With bounds at 0 every hidden unit is dead: no gradient reaches the first layer
     through the bounds; with `through_bounds=False` it trains, and the bounds stay."""
-    from fmfl_flwr.defense import attach_bounds, bound_keys
-
     torch.manual_seed(0)
     x, y = _data()
     clients = [_tiny().state_dict() for _ in range(2)]
