@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from fmfl_flwr.models import build_model, relu_names
+from fmfl_flwr.training import predict_logits
 
 
 @pytest.mark.parametrize(("name", "dataset", "relus"), [("cnn", "fashion-mnist", 4),
@@ -36,3 +37,13 @@ def test_relus_are_hit_in_forward():
 def test_unknown_model():
     with pytest.raises(ValueError, match="accepted: cnn, resnet18"):
         build_model("vgg", "cifar10")
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+def test_predict_logits_equals_forward_and_keeps_layout(name):
+    model = build_model(name, "cifar10", 10, 8).eval()
+    x = torch.rand(37, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.allclose(predict_logits(model, x, batch_size=16), expected, atol=1e-5)
+    assert all(p.is_contiguous() for p in model.parameters())
