@@ -53,18 +53,18 @@ class ExperimentConfig:
     round_timeout: float = field(default=3600.0, metadata={"min_exclusive": 0.0})
     aggregation: str = "fedavg"  # checked against the strategy registry by the ServerApp
     # FM-FL
-    fusion: bool = False
+    fusion: bool = True
     fm: str = ""
     fm_steps: int = field(default=10, metadata={"min": 1})
     syn_per_class: int = field(default=1000, metadata={"min": 1})
     pretrain_epochs: int = field(default=2, metadata={"min": 0})
     distill_epochs: int = field(default=1, metadata={"min": 0})
-    distill_alpha: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    distill_alpha: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
     distill_tau: float = field(default=2.0, metadata={"min_exclusive": 0.0})
     distill_lr: float = field(default=0.001, metadata={"min_exclusive": 0.0})
     distill_batch_size: int = field(default=64, metadata={"min": 1})
     distill_bounds: bool = False  # fusion distils with the served bounds off (docs/defense.md)
-    defense: str = "none"  # checked against the defense registry (fmfl_flwr.app_config)
+    defense: str = "activation-bounds"  # checked against the registry (fmfl_flwr.app_config)
     # activation-bounds knobs (fmfl_flwr.defense.BoundSettings; docs/defense.md)
     bounds_objective: str = field(default="ensemble-switch", metadata=_choices(
         "mm-bm", "agree", "ensemble-switch", "mmac"))
@@ -79,13 +79,13 @@ class ExperimentConfig:
     bounds_target_agreement: float = field(default=0.95, metadata={"min": 0.0, "max": 1.0})
     client_bounds: bool = True
     # threats
-    fm_attack: str = field(default="none", metadata=_choices(*FM_ATTACKS))
+    fm_attack: str = field(default="poisoned-pipeline", metadata=_choices(*FM_ATTACKS))
     client_attack: str = field(default="none", metadata=_choices(*CLIENT_ATTACKS))
     trigger: str = field(default="badnets", metadata=_choices(*TRIGGER_NAMES))
     trigger_image: str = ""
     malicious_fraction: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     malicious_clients: str = ""
-    poison_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    poison_ratio: float = field(default=0.2, metadata={"min": 0.0, "max": 1.0})
     target_label: int = field(default=0, metadata={"min": 0, "max": 9})
     attack_rounds: str = ""
     boost: float = field(default=0.0, metadata={"min": 0.0})

@@ -10,7 +10,8 @@ from fmfl_flwr.launch import run_deployment, run_simulation
 
 pytestmark = pytest.mark.slow
 
-SMALL = {"num-server-rounds": 2, "local-epochs": 1, "batch-size": 64, "data-fraction": 0.2}
+SMALL = {"num-server-rounds": 2, "local-epochs": 1, "batch-size": 64, "data-fraction": 0.2,
+         "fusion": False, "fm-attack": "none", "defense": "none"}  # plain FedAvg
 
 
 def _rows(run_dir):
@@ -56,7 +57,7 @@ def test_deployment_with_separate_supernode_processes(tmp_path):
 
 
 def test_cifar10_resnet18_runs_end_to_end(tmp_path):
-    config = {"dataset": "cifar10", "model": "resnet18", "model-width": 8,
+    config = {**SMALL, "dataset": "cifar10", "model": "resnet18", "model-width": 8,
               "num-server-rounds": 1, "batch-size": 64, "data-fraction": 0.05,
               "output-dir": str(tmp_path / "out"), "run-name": "cifar"}
     code = run_simulation(config, num_supernodes=2, log_path=tmp_path / "log")

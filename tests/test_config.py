@@ -52,7 +52,7 @@ def test_numbers_are_coerced():
 
 def test_fm_attack_needs_fusion():
     with pytest.raises(ConfigError, match="needs fusion=true"):
-        ExperimentConfig.from_run_config({"fm-attack": "poisoned-pipeline"})
+        ExperimentConfig.from_run_config({"fusion": False})  # the default FM attack is on
 
 
 def test_int_lists():
@@ -73,3 +73,9 @@ def test_empty_fm_means_the_fm_dir_for_the_dataset(monkeypatch, tmp_path):
     monkeypatch.setenv("FMFL_FM_DIR", str(tmp_path))
     assert with_default_fm(ExperimentConfig()).fm == str(tmp_path / "fashion-mnist")
     assert with_default_fm(ExperimentConfig(fm="/my/fm")).fm == "/my/fm"
+
+
+def test_default_experiment_is_the_mission_case():
+    config = ExperimentConfig()
+    assert config.fusion and config.fm_attack == "poisoned-pipeline"
+    assert config.defense == "activation-bounds"

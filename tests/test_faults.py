@@ -304,7 +304,7 @@ def test_a_crashing_client_app_is_tolerated_in_a_simulation(tmp_path: Path) -> N
     app_dir = crashing_app(tmp_path / "app", partition=1)
     config = {"num-server-rounds": 2, "batch-size": 64, "data-fraction": 0.2,
               "fraction-evaluate": 0.0, "min-replies": 2, "output-dir": str(tmp_path / "out"),
-              "run-name": "crash"}
+              "fusion": False, "fm-attack": "none", "defense": "none", "run-name": "crash"}
     code = run_simulation(config, num_supernodes=3, app_dir=app_dir,
                           flwr_home=tmp_path / "home", log_path=tmp_path / "log")
     log = (tmp_path / "log").read_text()

@@ -213,7 +213,8 @@ def test_experiment_files_expand_and_validate():
 def test_a_tiny_grid_runs_in_flower_then_skips_on_the_second_call(tmp_path, capsys):
     path = tmp_path / "tiny.toml"
     path.write_text('num-supernodes = 3\n[base]\nnum-server-rounds = 1\nmodel-width = 16\n'
-                    'batch-size = 64\nfraction-evaluate = 0.0\n'
+                    'batch-size = 64\nfraction-evaluate = 0.0\nfusion = false\n'
+                    'fm-attack = "none"\ndefense = "none"\n'
                     '[grid]\naggregation = ["fedavg", "median"]\n')
     out = tmp_path / "out"
     assert main(["grid", str(path), "--out", str(out)]) == 0
