@@ -7,8 +7,8 @@ minutes. Besides the global model it measures the pre-fusion client ensemble (me
 logits) each round: the defense's reference is only as clean as that ensemble. Results are
 indicative; the numbers to report come from `flwr run` (seeds and sampling differ).
 
-    python bench/fmfl_loop.py --set fusion=true fm-attack="'poisoned-pipeline'" \
-        poison-ratio=0.2 distill-alpha=0.9 defense="'activation-bounds'" --out results/loop.json
+    python bench/fmfl_loop.py --out results/loop.json   # the default experiment
+    python bench/fmfl_loop.py --set defense="'none'" --out results/undefended.json
 """
 
 from __future__ import annotations
