@@ -17,6 +17,12 @@ from fmfl_flwr.report import add_report_command
 from fmfl_flwr.results import resolve_output_dir
 from fmfl_flwr.summary import format_table
 
+# The paper's two scales (METHOD.md 5): how many clients, and the share sampled per round.
+PRESETS = {
+    "cross-silo": (10, {"fraction-train": 1.0, "fraction-evaluate": 1.0}),
+    "cross-device": (100, {"fraction-train": 0.1, "fraction-evaluate": 0.1}),
+}
+
 
 def parse_overrides(text: str) -> dict:
     """'k=v k2=v2' in Flower's --run-config syntax (TOML values) -> dict."""
@@ -33,12 +39,14 @@ def app_defaults() -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """One Flower simulation run of the app, then its result table."""
-    overrides = parse_overrides(args.run_config)
+    preset_nodes, preset_config = PRESETS[args.preset]
+    overrides = {**preset_config, **parse_overrides(args.run_config)}
+    num_supernodes = args.num_supernodes or preset_nodes
     full = {**app_defaults(), **overrides}
     config = parse_app_config(full)
     output = resolve_output_dir(config.output_dir)
     overrides["output-dir"] = str(output)
-    code = run_simulation(overrides, num_supernodes=args.num_supernodes,
+    code = run_simulation(overrides, num_supernodes=num_supernodes,
                           cpus_per_client=args.cpus_per_client)
     summary_path = output / config.resolved_run_name() / "summary.json"
     if code != 0 or not summary_path.exists():
@@ -61,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description=cmd_run.__doc__)
     run.add_argument("--run-config", default="",
                      help="overrides as in flwr run: \"key=value key2='text'\" or a TOML file")
-    run.add_argument("--num-supernodes", type=int, default=10, help="simulated clients")
+    run.add_argument("--preset", choices=sorted(PRESETS), default="cross-silo",
+                     help="cross-silo: 10 clients, all every round; cross-device: 100 clients, "
+                          "10%% per round (--num-supernodes and --run-config override it)")
+    run.add_argument("--num-supernodes", type=int, default=0,
+                     help="simulated clients (default: the preset's)")
     run.add_argument("--cpus-per-client", type=int, default=1,
                      help="CPU cores reserved per simulated client (Ray)")
     run.set_defaults(func=cmd_run)

@@ -79,3 +79,21 @@ def test_default_experiment_is_the_mission_case():
     config = ExperimentConfig()
     assert config.fusion and config.fm_attack == "poisoned-pipeline"
     assert config.defense == "activation-bounds"
+
+
+@pytest.mark.parametrize(("argv", "nodes", "fraction"), [
+    ([], 10, 1.0),
+    (["--preset", "cross-device"], 100, 0.1),
+    (["--preset", "cross-device", "--num-supernodes", "50",
+      "--run-config", "fraction-train=0.2"], 50, 0.2),
+])
+def test_run_presets_size_the_simulation(argv, nodes, fraction, tmp_path, monkeypatch):
+    from fmfl_flwr import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "run_simulation", lambda config, num_supernodes, **_: calls.append(
+        (config, num_supernodes)) or 1)
+    monkeypatch.setenv("FMFL_OUTPUT_DIR", str(tmp_path))
+    assert cli.main(["run", *argv]) == 1  # the stand-in run "fails": no summary
+    config, num_supernodes = calls[0]
+    assert num_supernodes == nodes and config["fraction-train"] == fraction
