@@ -40,8 +40,9 @@ def load_runs(folder: Path) -> pd.DataFrame:
     records = []
     for summary_path in sorted(Path(folder).rglob("summary.json")):
         run_dir = summary_path.parent
-        if not (run_dir / "config.json").is_file():
-            continue
+        hidden = any(part.startswith(".") for part in run_dir.relative_to(folder).parts)
+        if hidden or not (run_dir / "config.json").is_file():
+            continue  # hidden: e.g. the app copies in a grid's .flwr folder
         config = json.loads((run_dir / "config.json").read_text())["run_config"]
         summary = json.loads(summary_path.read_text())
         cell = _read_json(run_dir / CELL_FILE)
@@ -131,7 +132,7 @@ def _pm(mean: float, std: float) -> str:
 def markdown_table(table: pd.DataFrame) -> str:
     """The paper's shape: a row per defense, a column per setting, `ACC / ASR` in %."""
     shown = [c for c in SETTING if table[c].astype(str).nunique() > 1] or ["threat"]
-    settings = table[shown].astype(str).agg(" / ".join, axis=1)
+    settings = table[shown].map(lambda v: "" if pd.isna(v) else str(v)).agg(" / ".join, axis=1)
     cells = table.assign(setting=settings, value=[
         f"{_pm(r.acc_mean, r.acc_std)} / {_pm(r.asr_mean, r.asr_std)}"
         for r in table.itertuples()])

@@ -100,6 +100,13 @@ def test_runs_that_differ_in_other_keys_are_kept_apart(tmp_path):
     assert sorted(table["variant"]) == ["", "lr=0.01", "lr=0.05"]
     assert sorted(table["acc_mean"]) == pytest.approx([0.6, 0.7, 0.9])
     assert "dirichlet(0.1)" in set(table["partition"])
+    assert "lr=0.01" in markdown_table(table)  # one run has no client count (NA)
+
+
+def test_runs_in_hidden_folders_are_not_read(tmp_path):
+    make_run(tmp_path, "a", {}, [0.1, 0.9], [0.0, 0.1])
+    make_run(tmp_path / ".flwr" / "apps" / "docs", "old", {"seed": 3}, [0.1, 0.5], [0.0, 0.1])
+    assert list(load_runs(tmp_path)["run"]) == ["a"]
 
 
 def test_report_writes_tables_and_plots(results, tmp_path, capsys):
