@@ -7,7 +7,6 @@ Thin glue over the library: read the partition from the node config, train with
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from functools import lru_cache
 
 import numpy as np
@@ -17,12 +16,13 @@ from flwr.clientapp import ClientApp
 
 from fmfl_flwr import attacks
 from fmfl_flwr.app_config import parse_app_config
+from fmfl_flwr.client_update import ClientRole, client_update
 from fmfl_flwr.config import ExperimentConfig
 from fmfl_flwr.data import ImageDataset, load_dataset, to_float
-from fmfl_flwr.defense import bounds_disabled, ensure_bounds_for_state
+from fmfl_flwr.defense import ensure_bounds_for_state
 from fmfl_flwr.models import build_model
 from fmfl_flwr.partition import client_indices, partition_indices
-from fmfl_flwr.training import accuracy, default_device, train_epochs
+from fmfl_flwr.training import accuracy
 
 app = ClientApp()
 
@@ -44,18 +44,18 @@ def _node(context: Context) -> tuple[int, int, str]:
         ) from err
 
 
-def _is_malicious(config: ExperimentConfig, partition_id: int, num_partitions: int,
-                  role: str) -> tuple[bool, int, int]:
-    """(malicious?, rank among the malicious, number of malicious clients)."""
-    if role not in ("", "benign", "malicious"):
-        raise ValueError(f"node config role={role!r}; accepted: benign, malicious")
+def _role(config: ExperimentConfig, partition_id: int, num_partitions: int,
+          node_role: str) -> ClientRole:
+    """This client's role: from the node config's `role`, else the run config's choice."""
+    if node_role not in ("", "benign", "malicious"):
+        raise ValueError(f"node config role={node_role!r}; accepted: benign, malicious")
     chosen = sorted(attacks.malicious_partitions(config, num_partitions))
-    if role:
-        malicious = role == "malicious" and config.client_attack != "none"
-        return malicious, partition_id, max(len(chosen), 1)
+    if node_role:
+        malicious = node_role == "malicious" and config.client_attack != "none"
+        return ClientRole(malicious, partition_id, max(len(chosen), 1))
     if partition_id in chosen:
-        return True, chosen.index(partition_id), len(chosen)
-    return False, -1, len(chosen)
+        return ClientRole(True, chosen.index(partition_id), len(chosen))
+    return ClientRole(False, -1, len(chosen))
 
 
 def _model(config: ExperimentConfig, dataset: ImageDataset, arrays: ArrayRecord):
@@ -71,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
     """Local SGD for `local-epochs`; malicious clients poison and may boost their update."""
     started = time.perf_counter()
     config = parse_app_config(context.run_config)
-    partition_id, num_partitions, role = _node(context)
+    partition_id, num_partitions, node_role = _node(context)
     server_round = int(msg.content["config"]["server-round"])
     dataset = _dataset(config.dataset, config.data_dir)
     idx = client_indices(dataset.train_y, partition_id, num_partitions, config.partition,
@@ -79,29 +79,14 @@ def train(msg: Message, context: Context) -> Message:
                          config.data_fraction)
     images, labels = to_float(dataset.train_x[idx]), torch.as_tensor(dataset.train_y[idx])
 
-    malicious, rank, num_malicious = _is_malicious(config, partition_id, num_partitions, role)
-    attacking = malicious and attacks.attacks_in_round(config, server_round)
-    round_seed = config.seed * 1_000_003 + server_round * 1009 + partition_id
-    if attacking:
-        trigger = attacks.client_trigger(config, dataset.image_shape, rank, num_malicious)
-        images, labels, _ = attacks.poison_samples(images, labels, trigger, config.poison_ratio,
-                                                   config.target_label, round_seed)
-
+    role = _role(config, partition_id, num_partitions, node_role)
     model = _model(config, dataset, msg.content["arrays"])
-    global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    torch.manual_seed(round_seed)
-    with nullcontext(model) if config.client_bounds else bounds_disabled(model):
-        loss = train_epochs(model, images, labels, config.local_epochs, config.batch_size,
-                            config.lr, round_seed, momentum=config.momentum,
-                            device=default_device())
-    state = {k: v.cpu() for k, v in model.state_dict().items()}
-    if attacking and config.client_attack == "scaling":
-        boost = attacks.default_boost(config, num_partitions, num_malicious)
-        state = attacks.boost_update(global_state, state, boost, config.attack_norm_bound)
+    state, loss, attacking = client_update(config, model, images, labels, dataset.image_shape,
+                                           server_round, partition_id, num_partitions, role)
 
     metrics = MetricRecord({
         "num-examples": len(labels),
-        "train-loss": float(loss),
+        "train-loss": loss,
         "train-time": time.perf_counter() - started,
         "malicious": int(attacking),
     })

@@ -26,13 +26,14 @@ import torch
 from fmfl_flwr import attacks
 from fmfl_flwr.app_config import fusion_settings, parse_app_config
 from fmfl_flwr.cli import app_defaults, parse_overrides
+from fmfl_flwr.client_update import ClientRole, client_update
 from fmfl_flwr.data import load_dataset, to_float
 from fmfl_flwr.defense import load_state_with_bounds
 from fmfl_flwr.fusion import Fusion, pretrain
 from fmfl_flwr.metrics import acc_and_asr
 from fmfl_flwr.models import build_model
 from fmfl_flwr.partition import client_indices
-from fmfl_flwr.training import predict_logits, train_epochs
+from fmfl_flwr.training import predict_logits
 from server_app import defense_step, seed_everything, synthetic_data
 
 
@@ -40,26 +41,6 @@ def fedavg(states: list[dict], weights: list[float]) -> dict:
     total = sum(weights)
     return {k: sum(s[k].double() * w for s, w in zip(states, weights, strict=True))
             .div(total).to(v.dtype) for k, v in states[0].items()}
-
-
-def train_client(config, model_fn, state, images, labels, malicious, rank, num_malicious,
-                 server_round, partition_id, image_shape, clients_per_round):
-    """One client's round, as client_app.train does it (bounds on while training)."""
-    round_seed = config.seed * 1_000_003 + server_round * 1009 + partition_id
-    if malicious and attacks.attacks_in_round(config, server_round):
-        trigger = attacks.client_trigger(config, image_shape, rank, num_malicious)
-        images, labels, _ = attacks.poison_samples(images, labels, trigger, config.poison_ratio,
-                                                   config.target_label, round_seed)
-    model = load_state_with_bounds(model_fn(), state)
-    torch.manual_seed(round_seed)
-    train_epochs(model, images, labels, config.local_epochs, config.batch_size, config.lr,
-                 round_seed, momentum=config.momentum)
-    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if malicious and config.client_attack == "scaling" and \
-            attacks.attacks_in_round(config, server_round):
-        boost = attacks.default_boost(config, clients_per_round, num_malicious)
-        trained = attacks.boost_update(state, trained, boost, config.attack_norm_bound)
-    return trained
 
 
 def ensemble_metrics(model_fn, states, test_x, test_y, trigger, target) -> dict[str, float]:
@@ -111,9 +92,10 @@ def main() -> None:
         started = time.perf_counter()
         chosen = sorted(rng.choice(args.clients, per_round, replace=False)) \
             if per_round < args.clients else list(range(args.clients))
-        states = [train_client(config, model_fn, state, *data[i], i in malicious,
-                               malicious.index(i) if i in malicious else -1, len(malicious),
-                               server_round, i, dataset.image_shape, per_round)
+        states = [client_update(config, load_state_with_bounds(model_fn(), state), *data[i],
+                                dataset.image_shape, server_round, i, args.clients,
+                                ClientRole(i in malicious, malicious.index(i) if i in malicious
+                                           else -1, len(malicious)))[0]
                   for i in chosen]
         weights = [float(len(data[i][1])) for i in chosen]
         train_time = time.perf_counter() - started
