@@ -19,6 +19,8 @@ from fmfl_flwr.partition import PARTITIONS
 FM_ATTACKS = ("none", "poisoned-pipeline", "poisoned-weights")
 CLIENT_ATTACKS = ("none", "badnets", "blended", "dba", "scaling")
 TRIGGER_NAMES = ("badnets", "blended", "dba", "image")
+# Run-config values that turn the default experiment (the mission's case) into plain FedAvg.
+PLAIN_FEDAVG = {"fusion": False, "fm-attack": "none", "defense": "none"}
 
 
 class ConfigError(ValueError):

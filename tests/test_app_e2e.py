@@ -6,12 +6,13 @@ import json
 import psutil
 import pytest
 
+from fmfl_flwr.config import PLAIN_FEDAVG
 from fmfl_flwr.launch import run_deployment, run_simulation
 
 pytestmark = pytest.mark.slow
 
 SMALL = {"num-server-rounds": 2, "local-epochs": 1, "batch-size": 64, "data-fraction": 0.2,
-         "fusion": False, "fm-attack": "none", "defense": "none"}  # plain FedAvg
+         **PLAIN_FEDAVG}  # plain FedAvg
 
 
 def _rows(run_dir):

@@ -1,6 +1,6 @@
 import pytest
 
-from fmfl_flwr.config import ConfigError, ExperimentConfig, parse_int_list
+from fmfl_flwr.config import PLAIN_FEDAVG, ConfigError, ExperimentConfig, parse_int_list
 
 
 def test_defaults_match_pyproject_run_config():
@@ -97,3 +97,8 @@ def test_run_presets_size_the_simulation(argv, nodes, fraction, tmp_path, monkey
     assert cli.main(["run", *argv]) == 1  # the stand-in run "fails": no summary
     config, num_supernodes = calls[0]
     assert num_supernodes == nodes and config["fraction-train"] == fraction
+
+
+def test_plain_fedavg_turns_the_mission_case_off():
+    config = ExperimentConfig.from_run_config(PLAIN_FEDAVG)
+    assert not config.fusion and config.fm_attack == "none" and config.defense == "none"

@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fmfl_flwr.config import PLAIN_FEDAVG
 from fmfl_flwr.launch import Deployment, run_deployment
 from fmfl_flwr.secure import Security, public_key
 
@@ -71,7 +72,7 @@ def test_secured_deployment_completes_two_rounds(tmp_path: Path) -> None:
     nodes = [f"partition-id={i} num-partitions=10" for i in range(2)]
     config = {"num-server-rounds": 2, "local-epochs": 1, "batch-size": 64,
               "fraction-evaluate": 0.0, "output-dir": str(tmp_path / "out"),
-              "fusion": False, "fm-attack": "none", "defense": "none", "run-name": "secure"}
+              **PLAIN_FEDAVG, "run-name": "secure"}
     security = Security.make(tmp_path / "sec", 2)
     code = run_deployment(config, nodes, tmp_path / "deploy", security=security)
     log = (tmp_path / "deploy" / "deployment.log").read_text()

@@ -22,6 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from fmfl_flwr.config import PLAIN_FEDAVG
 from fmfl_flwr.launch import APP_DIR, run_simulation
 from strategies.fmfl import FMFLStrategy
 
@@ -304,7 +305,7 @@ def test_a_crashing_client_app_is_tolerated_in_a_simulation(tmp_path: Path) -> N
     app_dir = crashing_app(tmp_path / "app", partition=1)
     config = {"num-server-rounds": 2, "batch-size": 64, "data-fraction": 0.2,
               "fraction-evaluate": 0.0, "min-replies": 2, "output-dir": str(tmp_path / "out"),
-              "fusion": False, "fm-attack": "none", "defense": "none", "run-name": "crash"}
+              **PLAIN_FEDAVG, "run-name": "crash"}
     code = run_simulation(config, num_supernodes=3, app_dir=app_dir,
                           flwr_home=tmp_path / "home", log_path=tmp_path / "log")
     log = (tmp_path / "log").read_text()

@@ -7,12 +7,13 @@ import time
 
 import pytest
 
+from fmfl_flwr.config import PLAIN_FEDAVG
 from fmfl_flwr.launch import run_simulation, stop_processes_under
 
 pytestmark = pytest.mark.slow
 
 CONFIG = {"num-server-rounds": 3, "batch-size": 64, "fraction-evaluate": 0.0, "data-fraction": 0.2,
-          "fusion": False, "fm-attack": "none", "defense": "none", "run-name": "resume"}
+          **PLAIN_FEDAVG, "run-name": "resume"}
 
 
 def _rows(path):
