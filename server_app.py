@@ -99,6 +99,26 @@ def defense_step(config: ExperimentConfig, dataset, model_fn, syn, fusion: Fusio
     )
 
 
+def pretrain_and_defend(model: torch.nn.Module, syn, settings, defense) -> None:
+    """Round 0: pre-train on D_syn, then defend the result before any client receives it.
+
+    Pre-training learns whatever D_syn carries, a poisoned share included, and there is no
+    client ensemble yet: the defense runs on its own (bounds: MM-BM with the trimmed share).
+    """
+    pretrain(model, *syn, settings)
+    if defense is not None:
+        state = defense(0, dict(model.state_dict()), [], [])
+        ensure_bounds_for_state(model, state).load_state_dict(state)
+
+
+def defense_metrics(defense, server_round: int) -> dict[str, float]:
+    """The defense's stats for `server_round`, as `defense-<stat>` columns."""
+    for entry in reversed(getattr(defense, "history", [])):
+        if entry.get("round") == server_round:
+            return {f"defense-{k}": v for k, v in entry.items() if k != "round"}
+    return {}
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
@@ -125,18 +145,18 @@ def main(grid: Grid, context: Context) -> None:
     seed_everything(config.seed)
     model = model_fn()
     settings = fusion_settings(config)
+    fusion = Fusion(model_fn, *syn, settings) if config.fusion else None
+    defense = defense_step(config, dataset, model_fn, syn, fusion)
     pretrain_time = 0.0
     if resumed:
-        model.load_state_dict(resumed["state"])
+        ensure_bounds_for_state(model, resumed["state"]).load_state_dict(resumed["state"])
         restore_rule_state(inner, resumed["rule"])
         restore_rng_states(resumed["rng"])
     elif config.fusion:
         started = time.perf_counter()
-        pretrain(model, *syn, settings)
+        pretrain_and_defend(model, syn, settings, defense)
         pretrain_time = time.perf_counter() - started
     done = resumed["round"] if resumed else 0
-    fusion = Fusion(model_fn, *syn, settings) if config.fusion else None
-    defense = defense_step(config, dataset, model_fn, syn, fusion)
     strategy = FMFLStrategy(
         inner, fusion=fusion, post_fusion=[(config.defense, defense)] if defense else [],
         min_replies=config.min_replies, round_offset=done,
@@ -160,9 +180,7 @@ def main(grid: Grid, context: Context) -> None:
         if server_round == 0:
             row["pretrain-time"] = pretrain_time
         row.update(strategy.round_info.get(server_round, {}))
-        if server_round > 0 and getattr(defense, "history", None):
-            row.update({f"defense-{k}": v for k, v in defense.history[-1].items()
-                        if k != "round"})
+        row.update(defense_metrics(defense, server_round))
         if server_round > 0 and strategy.last_evaluate is not None:
             row["client-acc"] = strategy.last_evaluate.get("local-acc", float("nan"))
         # Checkpoint first: metrics.csv never shows a round the checkpoint lacks.

@@ -29,12 +29,18 @@ from fmfl_flwr.cli import app_defaults, parse_overrides
 from fmfl_flwr.client_update import ClientRole, client_update
 from fmfl_flwr.data import load_dataset, to_float
 from fmfl_flwr.defense import load_state_with_bounds
-from fmfl_flwr.fusion import Fusion, pretrain
+from fmfl_flwr.fusion import Fusion
 from fmfl_flwr.metrics import acc_and_asr
 from fmfl_flwr.models import build_model
 from fmfl_flwr.partition import client_indices
 from fmfl_flwr.training import predict_logits
-from server_app import defense_step, seed_everything, synthetic_data
+from server_app import (
+    defense_metrics,
+    defense_step,
+    pretrain_and_defend,
+    seed_everything,
+    synthetic_data,
+)
 
 
 def fedavg(states: list[dict], weights: list[float]) -> dict:
@@ -79,12 +85,13 @@ def main() -> None:
     trigger = attacks.evaluation_trigger(config, dataset.image_shape)
     model = model_fn()
     settings = fusion_settings(config)
-    if config.fusion:
-        pretrain(model, *syn, settings)
     fusion = Fusion(model_fn, *syn, settings) if config.fusion else None
     defense = defense_step(config, dataset, model_fn, syn, fusion)
+    if config.fusion:
+        pretrain_and_defend(model, syn, settings, defense)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    rows = [{"round": 0, **acc_and_asr(model, test_x, test_y, trigger, config.target_label)}]
+    rows = [{"round": 0, **acc_and_asr(model, test_x, test_y, trigger, config.target_label),
+             **defense_metrics(defense, 0)}]
     print(rows[-1], flush=True)
     rng = np.random.default_rng(config.seed)
     per_round = max(2, int(args.clients * config.fraction_train))
@@ -109,9 +116,7 @@ def main() -> None:
             t = time.perf_counter()
             state = defense(server_round, state, states, weights)
             row["defense-time"] = time.perf_counter() - t
-            history = getattr(defense, "history", None)
-            if history:
-                row.update({f"defense-{k}": v for k, v in history[-1].items() if k != "round"})
+            row.update(defense_metrics(defense, server_round))
         row["round-time"] = time.perf_counter() - started
         model = load_state_with_bounds(model_fn(), state)
         row.update(acc_and_asr(model, test_x, test_y, trigger, config.target_label))

@@ -51,4 +51,5 @@ def bound_settings(config: ExperimentConfig) -> BoundSettings:
                    granularity=config.bounds_granularity, epochs=config.bounds_epochs,
                    max_samples=config.bounds_samples, lr=config.bounds_lr, c0=config.bounds_c0,
                    init_quantile=config.bounds_init_quantile,
-                   target_agreement=config.bounds_target_agreement, seed=config.seed)
+                   target_agreement=config.bounds_target_agreement,
+                   trim=config.bounds_trim, seed=config.seed)

@@ -72,13 +72,16 @@ class ExperimentConfig:
         "mm-bm", "agree", "ensemble-switch", "mmac"))
     bounds_granularity: str = field(default="channel",
                                     metadata=_choices("channel", "neuron", "layer"))
-    bounds_epochs: int = field(default=20, metadata={"min": 1})
+    bounds_epochs: int = field(default=10, metadata={"min": 1})  # the cost cap (<= 10% of a round)
     bounds_samples: int = field(default=1000, metadata={"min": 1})
     bounds_lr: float = field(default=0.1, metadata={"min_exclusive": 0.0})
     bounds_c0: float = field(default=0.5, metadata={"min": 0.0})
     bounds_init_quantile: float = field(default=0.99, metadata={"min_exclusive": 0.0,
                                                                  "max": 1.0})
     bounds_target_agreement: float = field(default=0.95, metadata={"min": 0.0, "max": 1.0})
+    # the share of D_syn assumed poisoned, trimmed from the fidelity term where no
+    # ensemble overrules it (round 0 has none)
+    bounds_trim: float = field(default=0.2, metadata={"min": 0.0, "max_exclusive": 1.0})
     client_bounds: bool = True
     # threats
     fm_attack: str = field(default="poisoned-pipeline", metadata=_choices(*FM_ATTACKS))

@@ -25,7 +25,8 @@ from fmfl_flwr.defense import (
     set_bounds,
     strip_bounds,
 )
-from fmfl_flwr.defense.objectives import fidelity_reference
+from fmfl_flwr.defense.objectives import fidelity_reference, trimmed_weights
+from fmfl_flwr.defense.optimise import keep_trim
 from fmfl_flwr.models import build_model
 from fmfl_flwr.training import train_epochs
 
@@ -262,3 +263,57 @@ def test_neuron_granularity_bounds_each_unit(trained) -> None:
     bounds, _ = optimise_bounds(bounded, images, labels[:200], settings=settings)
     assert bounds[conv].shape == (4, 8, 8)
     assert BoundSettings.from_run_config({"bounds-granularity": "neuron"}).granularity == "neuron"
+
+
+def test_trimmed_weights_drop_the_worst_fitted_trusted_samples() -> None:
+    targets = torch.zeros(6, 2)
+    logits = torch.tensor([[0.1, 0], [3.0, 0], [0.2, 0], [5.0, 0], [9.0, 0], [0.0, 0]])
+    keep = torch.tensor([True, True, True, True, False, True])
+    weights = torch.tensor([1.0, 1.0, 1.0, 1.0, 3.0, 1.0])
+    # 40% of the 5 trusted samples: the two worst-fitted trusted ones (3.0 and 5.0), never
+    # the overruled sample (9.0) and never in place.
+    trimmed = trimmed_weights(logits, targets, weights, keep, 0.4)
+    assert trimmed.tolist() == [1.0, 0.0, 1.0, 0.0, 3.0, 1.0]
+    assert weights[1] == 1.0
+    assert torch.equal(trimmed_weights(logits, targets, weights, keep, 0.1), weights)
+
+
+def test_keep_trim_counts_overruled_samples_towards_the_budget() -> None:
+    everyone = torch.ones(100, dtype=torch.bool)
+    assert keep_trim(0.2, everyone) == pytest.approx(0.2)  # round 0: no ensemble
+    some = everyone.clone()
+    some[:15] = False  # the ensemble overrules 15 of a 20-sample budget: trim 5 of 85 kept
+    assert keep_trim(0.2, some) == pytest.approx(5 / 85)
+    some[:30] = False
+    assert keep_trim(0.2, some) == 0.0
+    assert keep_trim(0.2, torch.zeros(4, dtype=torch.bool)) == 0.0
+    with pytest.raises(ValueError, match="trim"):
+        BoundSettings(trim=1.0)
+
+
+def test_trim_lets_the_bounds_give_up_the_trimmed_share(trained) -> None:
+    model, images, labels = trained
+
+    def fit(trim: float) -> dict[str, float]:
+        bounded = attach_bounds(tiny())
+        bounded.load_state_dict(model.state_dict(), strict=False)
+        settings = BoundSettings(
+            objective="mm-bm", trim=trim, batch_size=100, epochs=30, patience=99, lr=0.2
+        )
+        return optimise_bounds(bounded, images[:300], labels[:300], settings=settings)[1]
+
+    plain, trimmed = fit(0.0), fit(0.3)
+    assert (plain["trimmed-share"], trimmed["trimmed-share"]) == (0.0, pytest.approx(0.3))
+    # Freed from fitting its worst 30%, the penalty shrinks the bounds further.
+    assert trimmed["bound-norm"] < plain["bound-norm"]
+
+
+def test_round_zero_step_runs_without_clients(trained) -> None:
+    model, images, labels = trained
+    step = make_defense(
+        "activation-bounds", tiny, images, labels, BoundSettings(epochs=2, max_samples=300)
+    )
+    state = step(0, model.state_dict(), [], [])
+    assert len(bound_keys(state)) == 2
+    assert step.history[0]["round"] == 0.0 and step.history[0]["overruled-share"] == 0.0
+    assert step.history[0]["trimmed-share"] == pytest.approx(0.2)

@@ -69,6 +69,27 @@ def fidelity_loss(
     return (weights * per_sample).sum() / weights.sum().clamp_min(1e-12)
 
 
+@torch.no_grad()
+def trimmed_weights(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    keep: torch.Tensor,
+    trim: float,
+) -> torch.Tensor:
+    """`weights` with the worst-fitted `trim` share of the `keep` samples set to 0.
+
+    A poisoned sample the bounds start to break is the one they fit worst; dropping it from
+    the fidelity term lets them finish the job instead of restoring the backdoor.
+    """
+    per_sample = (logits - targets).pow(2).mean(1)
+    drop = int(trim * int(keep.sum()))
+    if drop == 0:
+        return weights
+    worst = per_sample.masked_fill(~keep, float("-inf")).topk(drop).indices
+    return weights.clone().index_fill_(0, worst, 0.0)
+
+
 def norm_penalty(bounds: list[torch.Tensor], norm: str = "l2") -> torch.Tensor:
     """sum_l ||Z_l||_2 (MM-BM); `rms` divides each by sqrt(numel) so wide layers do not rule."""
     if norm not in NORMS:
