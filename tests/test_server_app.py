@@ -36,3 +36,31 @@ def test_missing_data_dir_fails_before_round_one(tmp_path):
     message = _run({"data-dir": str(tmp_path / "no-data"), "output-dir": str(tmp_path / "out")})
     assert "no-data" in message and "fashion-mnist" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_round_zero_defends_the_pretrained_model_before_clients_get_it():
+    import torch
+
+    from fmfl_flwr.defense import BoundSettings, bound_keys, make_defense
+    from fmfl_flwr.fusion import FusionSettings
+
+    def tiny():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU(),
+                                   torch.nn.Linear(8, 3))
+
+    images = torch.rand(120, 1, 4, 4)
+    labels = torch.randint(0, 3, (120,))
+    step = make_defense("activation-bounds", tiny, images, labels,
+                        BoundSettings(epochs=1, max_samples=60))
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    server_app.pretrain_and_defend(model, (images, labels),
+                                   FusionSettings(pretrain_epochs=1, batch_size=32), step)
+    state = model.state_dict()
+    assert bound_keys(state) == ["2.act_bound"]  # the ReLU
+    assert not torch.equal(state["1.weight"], before["1.weight"])  # pre-trained first
+    metrics = server_app.defense_metrics(step, 0)
+    assert metrics["defense-trimmed-share"] == pytest.approx(0.2)
+    assert server_app.defense_metrics(step, 1) == {}
+    assert server_app.defense_metrics(None, 0) == {}
