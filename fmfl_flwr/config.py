@@ -79,8 +79,8 @@ class ExperimentConfig:
     bounds_init_quantile: float = field(default=0.99, metadata={"min_exclusive": 0.0,
                                                                  "max": 1.0})
     bounds_target_agreement: float = field(default=0.95, metadata={"min": 0.0, "max": 1.0})
-    # the share of D_syn assumed poisoned, trimmed from the fidelity term where no
-    # ensemble overrules it (round 0 has none)
+    # round 0 (no client ensemble yet): the share of D_syn assumed poisoned, trimmed from
+    # the bounds' fidelity term
     bounds_trim: float = field(default=0.2, metadata={"min": 0.0, "max_exclusive": 1.0})
     client_bounds: bool = True
     # threats

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -26,7 +28,6 @@ from fmfl_flwr.defense import (
     strip_bounds,
 )
 from fmfl_flwr.defense.objectives import fidelity_reference, trimmed_weights
-from fmfl_flwr.defense.optimise import keep_trim
 from fmfl_flwr.models import build_model
 from fmfl_flwr.training import train_epochs
 
@@ -278,17 +279,23 @@ def test_trimmed_weights_drop_the_worst_fitted_trusted_samples() -> None:
     assert torch.equal(trimmed_weights(logits, targets, weights, keep, 0.1), weights)
 
 
-def test_keep_trim_counts_overruled_samples_towards_the_budget() -> None:
-    everyone = torch.ones(100, dtype=torch.bool)
-    assert keep_trim(0.2, everyone) == pytest.approx(0.2)  # round 0: no ensemble
-    some = everyone.clone()
-    some[:15] = False  # the ensemble overrules 15 of a 20-sample budget: trim 5 of 85 kept
-    assert keep_trim(0.2, some) == pytest.approx(5 / 85)
-    some[:30] = False
-    assert keep_trim(0.2, some) == 0.0
-    assert keep_trim(0.2, torch.zeros(4, dtype=torch.bool)) == 0.0
+def test_trim_applies_only_without_an_ensemble(trained) -> None:
+    model, images, labels = trained
+    images = images[:200]
     with pytest.raises(ValueError, match="trim"):
         BoundSettings(trim=1.0)
+    settings = BoundSettings(epochs=1, trim=0.2)
+
+    def trimmed_share(teacher, objective="ensemble-switch") -> float:
+        bounded = attach_bounds(tiny())
+        bounded.load_state_dict(model.state_dict(), strict=False)
+        stats = optimise_bounds(bounded, images, labels[:200], teacher,
+                                replace(settings, objective=objective))[1]
+        return stats["trimmed-share"]
+
+    assert trimmed_share(None) == pytest.approx(0.2)  # round 0: no ensemble yet
+    assert trimmed_share(model(images).detach()) == 0.0  # the ensemble is the reference
+    assert trimmed_share(None, "mm-bm") == 0.0  # the published baseline stays as published
 
 
 def test_trim_lets_the_bounds_give_up_the_trimmed_share(trained) -> None:
@@ -297,9 +304,7 @@ def test_trim_lets_the_bounds_give_up_the_trimmed_share(trained) -> None:
     def fit(trim: float) -> dict[str, float]:
         bounded = attach_bounds(tiny())
         bounded.load_state_dict(model.state_dict(), strict=False)
-        settings = BoundSettings(
-            objective="mm-bm", trim=trim, batch_size=100, epochs=30, patience=99, lr=0.2
-        )
+        settings = BoundSettings(trim=trim, batch_size=100, epochs=30, patience=99, lr=0.2)
         return optimise_bounds(bounded, images[:300], labels[:300], settings=settings)[1]
 
     plain, trimmed = fit(0.0), fit(0.3)

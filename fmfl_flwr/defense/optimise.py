@@ -38,6 +38,8 @@ from fmfl_flwr.defense.objectives import (
 from fmfl_flwr.training import predict_logits, seeded_generator
 
 GRANULARITIES = ("channel", "neuron", "layer")
+# Objectives that trust a client ensemble: without one (round 0) they trim instead.
+TRIMMING = ("agree", "ensemble-switch")
 RUN_CONFIG_PREFIX = "bounds-"
 
 
@@ -63,9 +65,8 @@ class BoundSettings:
     min_delta: float = 0.01
     norm: str = "rms"  # per-layer RMS: 86.3/8.5 vs l2 85.2/10.9 (ACC/ASR %, pilot)
     disagree_weight: float = 3.0
-    # the share of D_syn that may be poisoned: samples the ensemble overrules count
-    # towards it, the rest of it is trimmed from the trusted samples, worst-fitted first
-    # (round 0 has no ensemble; a backdoored ensemble overrules too few)
+    # round 0 (no client ensemble yet): the share of D_syn that may be poisoned, trimmed
+    # from the fidelity term, worst-fitted first; MM-BM and MMAC never trim
     trim: float = 0.2
     margin_per_class: int = 30  # mmac probes
     margin_steps: int = 100
@@ -172,15 +173,6 @@ def _initial_bounds(
     return shaped, "quantile"
 
 
-def keep_trim(poisoned_share: float, keep: torch.Tensor) -> float:
-    """The share of the keep samples to trim: what the overruled samples leave of the budget."""
-    kept = int(keep.sum())
-    if kept == 0:
-        return 0.0
-    overruled = len(keep) - kept
-    return max(0.0, poisoned_share * len(keep) - overruled) / kept
-
-
 def _agreement(
     model: nn.Module, images: torch.Tensor, reference: Reference, trim: float = 0.0
 ) -> tuple[float, float]:
@@ -247,7 +239,7 @@ def optimise_bounds(
     reference = fidelity_reference(
         settings.objective, fused_logits, ensemble_logits, settings.disagree_weight
     )
-    trim = keep_trim(settings.trim, reference.keep)
+    trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     initial, init_kind = _initial_bounds(model, images, settings, warm_start)
     z = {k: v.clone().requires_grad_() for k, v in initial.items()}
     for key, value in z.items():
