@@ -99,16 +99,20 @@ def defense_step(config: ExperimentConfig, dataset, model_fn, syn, fusion: Fusio
     )
 
 
-def pretrain_and_defend(model: torch.nn.Module, syn, settings, defense) -> None:
+def pretrain_and_defend(model: torch.nn.Module, syn, settings, defense) -> float:
     """Round 0: pre-train on D_syn, then defend the result before any client receives it.
 
     Pre-training learns whatever D_syn carries, a poisoned share included, and there is no
     client ensemble yet: the defense runs on its own (bounds: MM-BM with the trimmed share).
+    Returns the pre-training seconds; the defense's own time is in its history.
     """
+    started = time.perf_counter()
     pretrain(model, *syn, settings)
+    seconds = time.perf_counter() - started
     if defense is not None:
         state = defense(0, dict(model.state_dict()), [], [])
         ensure_bounds_for_state(model, state).load_state_dict(state)
+    return seconds
 
 
 def defense_metrics(defense, server_round: int) -> dict[str, float]:
@@ -153,9 +157,7 @@ def main(grid: Grid, context: Context) -> None:
         restore_rule_state(inner, resumed["rule"])
         restore_rng_states(resumed["rng"])
     elif config.fusion:
-        started = time.perf_counter()
-        pretrain_and_defend(model, syn, settings, defense)
-        pretrain_time = time.perf_counter() - started
+        pretrain_time = pretrain_and_defend(model, syn, settings, defense)
     done = resumed["round"] if resumed else 0
     strategy = FMFLStrategy(
         inner, fusion=fusion, post_fusion=[(config.defense, defense)] if defense else [],

@@ -64,3 +64,22 @@ def test_round_zero_defends_the_pretrained_model_before_clients_get_it():
     assert metrics["defense-trimmed-share"] == pytest.approx(0.2)
     assert server_app.defense_metrics(step, 1) == {}
     assert server_app.defense_metrics(None, 0) == {}
+
+
+def test_pretraining_time_leaves_out_the_round_zero_defense():
+    # The defense's time is already in its own `defense-time` column: counted once.
+    import time
+
+    import torch
+
+    from fmfl_flwr.fusion import FusionSettings
+
+    def slow_defense(server_round, state, client_states, client_weights):
+        time.sleep(0.5)
+        return state
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    seconds = server_app.pretrain_and_defend(
+        model, (torch.rand(32, 1, 4, 4), torch.randint(0, 3, (32,))),
+        FusionSettings(pretrain_epochs=1, batch_size=32), slow_defense)
+    assert 0.0 < seconds < 0.5
