@@ -65,8 +65,13 @@ def fidelity_loss(
     logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
     """Weighted mean over samples of the logits' MSE to the targets."""
-    per_sample = (logits - targets).pow(2).mean(1)
+    per_sample = per_sample_error(logits, targets)
     return (weights * per_sample).sum() / weights.sum().clamp_min(1e-12)
+
+
+def per_sample_error(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each sample's MSE of the logits to its targets: what the fidelity term weighs."""
+    return (logits - targets).pow(2).mean(1)
 
 
 @torch.no_grad()
@@ -82,7 +87,7 @@ def trimmed_weights(
     A poisoned sample the bounds start to break is the one they fit worst; dropping it from
     the fidelity term lets them finish the job instead of restoring the backdoor.
     """
-    per_sample = (logits - targets).pow(2).mean(1)
+    per_sample = per_sample_error(logits, targets)
     drop = int(trim * int(keep.sum()))
     if drop == 0:
         return weights
