@@ -52,4 +52,5 @@ def bound_settings(config: ExperimentConfig) -> BoundSettings:
                    max_samples=config.bounds_samples, lr=config.bounds_lr, c0=config.bounds_c0,
                    init_quantile=config.bounds_init_quantile,
                    target_agreement=config.bounds_target_agreement,
-                   trim=config.bounds_trim, seed=config.seed)
+                   trim=config.bounds_trim,
+                   class_gate=config.bounds_class_gate, seed=config.seed)

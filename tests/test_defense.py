@@ -27,7 +27,13 @@ from fmfl_flwr.defense import (
     set_bounds,
     strip_bounds,
 )
-from fmfl_flwr.defense.objectives import fidelity_reference, trimmed_weights
+from fmfl_flwr.defense.objectives import (
+    Reference,
+    fidelity_reference,
+    one_class_share,
+    trimmed_weights,
+)
+from fmfl_flwr.defense.optimise import _agreement
 from fmfl_flwr.models import build_model
 from fmfl_flwr.training import train_epochs
 
@@ -198,11 +204,11 @@ def test_bounds_step_reuses_the_fusion_ensemble(trained) -> None:
         tiny,
         images,
         labels,
-        BoundSettings(epochs=0, max_samples=300),
+        BoundSettings(epochs=0, max_samples=300, class_gate=0.0),
         ensemble_source=lambda: always_zero,
     )
     step(1, model.state_dict(), [], [])
-    assert 0.4 < step.history[0]["overruled-share"] < 0.9
+    assert 0.4 < step.history[0]["overruled-share"] < 0.9  # fused classes 1 and 2
 
 
 def test_settings_from_run_config() -> None:
@@ -279,6 +285,70 @@ def test_trimmed_weights_drop_the_worst_fitted_trusted_samples() -> None:
     assert torch.equal(trimmed_weights(logits, targets, weights, keep, 0.1), weights)
 
 
+def test_gated_switch_overrules_only_the_dominant_fused_class() -> None:
+    # Fused vs ensemble classes: samples 0-2 agree; 3, 4, 5 disagree with the fused model
+    # saying class 0 (a backdoor's target); 6 disagrees with the fused model saying 1.
+    fused = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 0, 0, 1]), 3).float()
+    ensemble = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 1, 2, 1, 2]), 3).float()
+    plain = fidelity_reference("ensemble-switch", fused, ensemble, 3.0)
+    assert plain.keep.tolist() == [True] * 3 + [False] * 4
+    gated = fidelity_reference("ensemble-switch", fused, ensemble, 3.0, class_gate=0.6)
+    assert gated.keep.tolist() == [True] * 3 + [False] * 3 + [True]
+    assert torch.equal(gated.target_logits[6], fused[6]) and gated.weights[6] == 1.0
+    assert torch.equal(gated.target_logits[3], ensemble[3]) and gated.weights[3] == 3.0
+    # Disagreements spread over classes: nothing is overruled.
+    assert fidelity_reference("agree", fused, ensemble, class_gate=0.8).keep.all()
+
+
+def test_gate_trims_only_worst_fitted_of_one_class() -> None:
+    classes = torch.tensor([0, 1, 1, 2, 1, 0])
+    candidates = torch.tensor([1, 2, 3, 4])  # classes 1, 1, 2, 1: class 1 holds 3 of 4
+    assert one_class_share(candidates, classes, 0.0).tolist() == [1, 2, 3, 4]
+    assert one_class_share(candidates, classes, 0.7).tolist() == [1, 2, 4]
+    assert one_class_share(candidates, classes, 0.8).tolist() == []
+    # In the weights: the worst 3 of 6 are samples 1, 3, 4 (classes 1, 0, 1 by target).
+    targets = torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 0, 1, 0]), 2).float() * 9
+    logits = targets.clone()
+    logits[[1, 3, 4], 0] += torch.tensor([4.0, 3.0, 5.0])
+    weights, keep = torch.ones(6), torch.ones(6, dtype=torch.bool)
+    assert trimmed_weights(logits, targets, weights, keep, 0.5).tolist() == [1, 0, 1, 0, 0, 1]
+    assert trimmed_weights(logits, targets, weights, keep, 0.5, 0.6).tolist() == [
+        1, 0, 1, 1, 0, 1]
+    assert torch.equal(trimmed_weights(logits, targets, weights, keep, 0.5, 0.9), weights)
+    with pytest.raises(ValueError, match="class-gate"):
+        BoundSettings(class_gate=1.5)
+
+
+def test_gated_fit_excuses_no_spread_disagreement(trained) -> None:
+    """On clean data the worst-fitted spread over classes: a strict gate fits as untrimmed."""
+    model, images, labels = trained
+
+    def fit(trim: float, gate: float) -> dict[str, float]:
+        bounded = attach_bounds(tiny())
+        bounded.load_state_dict(model.state_dict(), strict=False)
+        settings = BoundSettings(trim=trim, class_gate=gate, batch_size=100, epochs=30,
+                                 patience=99, lr=0.2)
+        return optimise_bounds(bounded, images[:300], labels[:300], settings=settings)[1]
+
+    plain, trimmed, gated = fit(0.0, 0.0), fit(0.3, 0.0), fit(0.3, 1.0)
+    assert trimmed["bound-norm"] < plain["bound-norm"]
+    assert gated["bound-norm"] == pytest.approx(plain["bound-norm"])
+
+
+def test_agreement_excuses_misses_only_when_they_share_a_class() -> None:
+    targets = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0]), 3)
+    reference = Reference(targets.float(), torch.ones(10), torch.ones(10, dtype=torch.bool))
+    predicted = targets.float().clone()
+    predicted[[0, 3], 1] = 5.0  # two misses, both of class 0
+    assert _agreement(nn.Identity(), predicted, reference)[0] == pytest.approx(0.8)
+    kept, _, excused = _agreement(nn.Identity(), predicted, reference, 0.2, 0.9)
+    assert (kept, excused) == (1.0, pytest.approx(0.2))
+    predicted[3, 1], predicted[1, 0] = 0.0, 5.0  # misses of classes 0 and 1: spread
+    kept, _, excused = _agreement(nn.Identity(), predicted, reference, 0.2, 0.9)
+    assert (kept, excused) == (pytest.approx(0.8), 0.0)
+    assert _agreement(nn.Identity(), predicted, reference, 0.2, 0.0)[0] == 1.0
+
+
 def test_trim_applies_only_without_an_ensemble(trained) -> None:
     model, images, labels = trained
     images = images[:200]
@@ -304,7 +374,8 @@ def test_trim_lets_the_bounds_give_up_the_trimmed_share(trained) -> None:
     def fit(trim: float) -> dict[str, float]:
         bounded = attach_bounds(tiny())
         bounded.load_state_dict(model.state_dict(), strict=False)
-        settings = BoundSettings(trim=trim, batch_size=100, epochs=30, patience=99, lr=0.2)
+        settings = BoundSettings(trim=trim, class_gate=0.0, batch_size=100, epochs=30,
+                                 patience=99, lr=0.2)
         return optimise_bounds(bounded, images[:300], labels[:300], settings=settings)[1]
 
     plain, trimmed = fit(0.0), fit(0.3)

@@ -39,13 +39,33 @@ class Reference:
     keep: torch.Tensor
 
 
+def one_class_share(candidates: torch.Tensor, classes: torch.Tensor, gate: float) -> torch.Tensor:
+    """The `candidates` (indices) of their most common class, if it holds >= `gate` of them.
+
+    A label-flipping FM sends its poisoned samples to one target class, so the samples the
+    bounds break for a backdoor concentrate there; a clean D_syn's hard samples spread over
+    the classes. `gate` 0 excuses every candidate; with no concentration it excuses none.
+    """
+    if gate <= 0 or len(candidates) == 0:
+        return candidates
+    own = classes[candidates]
+    mine = candidates[own == own.mode().values]
+    return mine if len(mine) >= gate * len(candidates) else candidates[:0]
+
+
 def fidelity_reference(
     objective: str,
     fused_logits: torch.Tensor,
     ensemble_logits: torch.Tensor | None,
     disagree_weight: float = 1.0,
+    class_gate: float = 0.0,
 ) -> Reference:
-    """Targets and weights of `objective`; without an ensemble every objective is MM-BM's."""
+    """Targets and weights of `objective`; without an ensemble every objective is MM-BM's.
+
+    With `class_gate`, the ensemble overrules the fused model only on the disagreements of
+    one dominant fused class (`one_class_share`): a backdoor sends its samples there, while
+    a weaker non-IID ensemble's other disagreements keep the fused model's own outputs.
+    """
     if objective not in OBJECTIVES:
         raise ValueError(
             f"bounds objective={objective!r} is not known; accepted: {', '.join(OBJECTIVES)}"
@@ -53,7 +73,10 @@ def fidelity_reference(
     everyone = torch.ones(len(fused_logits), dtype=torch.bool)
     if ensemble_logits is None or objective in ("mm-bm", "mmac"):
         return Reference(fused_logits, everyone.float(), everyone)
-    agree = fused_logits.argmax(1) == ensemble_logits.argmax(1)
+    fused_classes = fused_logits.argmax(1)
+    disagree = torch.nonzero(fused_classes != ensemble_logits.argmax(1)).flatten()
+    agree = everyone.clone()
+    agree[one_class_share(disagree, fused_classes, class_gate)] = False
     if objective == "agree":
         return Reference(fused_logits, agree.float(), agree)
     targets = torch.where(agree[:, None], fused_logits, ensemble_logits)
@@ -81,17 +104,20 @@ def trimmed_weights(
     weights: torch.Tensor,
     keep: torch.Tensor,
     trim: float,
+    gate: float = 0.0,
 ) -> torch.Tensor:
     """`weights` with the worst-fitted `trim` share of the `keep` samples set to 0.
 
     A poisoned sample the bounds start to break is the one they fit worst; dropping it from
-    the fidelity term lets them finish the job instead of restoring the backdoor.
+    the fidelity term lets them finish the job instead of restoring the backdoor. With
+    `gate`, only the worst-fitted of one dominant class are dropped (`one_class_share`).
     """
     per_sample = per_sample_error(logits, targets)
     drop = int(trim * int(keep.sum()))
     if drop == 0:
         return weights
     worst = per_sample.masked_fill(~keep, float("-inf")).topk(drop).indices
+    worst = one_class_share(worst, targets.argmax(1), gate)
     return weights.clone().index_fill_(0, worst, 0.0)
 
 

@@ -33,6 +33,7 @@ from fmfl_flwr.defense.objectives import (
     fidelity_reference,
     margin_inputs,
     norm_penalty,
+    one_class_share,
     trimmed_weights,
 )
 from fmfl_flwr.training import predict_logits, seeded_generator
@@ -68,6 +69,11 @@ class BoundSettings:
     # round 0 (no client ensemble yet): the share of D_syn that may be poisoned, trimmed
     # from the fidelity term, worst-fitted first; MM-BM and MMAC never trim
     trim: float = 0.2
+    # a backdoor sends its samples to one class: the trim (round 0) and the ensemble's
+    # overrule (later rounds) act only on samples of one dominant class holding >= this
+    # share of the candidates; a clean D_syn's hard samples and a non-IID ensemble's
+    # errors spread over classes and keep the fused model's outputs. 0: no such test
+    class_gate: float = 0.5
     margin_per_class: int = 30  # mmac probes
     margin_steps: int = 100
     prune_max_drop: float = 0.04  # the pruning baseline's allowed reference-accuracy drop
@@ -81,6 +87,8 @@ class BoundSettings:
             )
         if not 0.0 <= self.trim < 1.0:
             raise ValueError(f"bounds trim={self.trim!r} must be in [0, 1)")
+        if not 0.0 <= self.class_gate <= 1.0:
+            raise ValueError(f"bounds class-gate={self.class_gate!r} must be in [0, 1]")
         if self.init not in ("quantile", "constant"):
             raise ValueError(
                 f"bounds init={self.init!r} is not known; accepted: quantile, constant"
@@ -174,22 +182,27 @@ def _initial_bounds(
 
 
 def _agreement(
-    model: nn.Module, images: torch.Tensor, reference: Reference, trim: float = 0.0
-) -> tuple[float, float]:
-    """(agreement on keep samples, agreement with the overruling targets elsewhere).
+    model: nn.Module, images: torch.Tensor, reference: Reference, trim: float = 0.0,
+    gate: float = 0.0,
+) -> tuple[float, float, float]:
+    """(agreement on keep samples, agreement with the overruling targets elsewhere, the
+    share of keep samples excused).
 
-    With `trim`, a `trim` share of the keep samples may disagree for free: agreement is
-    measured on the best-kept (1 - trim) of them.
+    With `trim`, up to a `trim` share of the keep samples may disagree for free (with
+    `gate`, only disagreements concentrated on one class: `one_class_share`).
     """
     predicted = predict_logits(model, images, device=torch.device("cpu")).argmax(1)
-    hits = predicted == reference.target_logits.argmax(1)
+    classes = reference.target_logits.argmax(1)
+    hits = predicted == classes
     rest = ~reference.keep & (reference.weights > 0)
-    kept = 1.0
+    kept, excused = 1.0, 0.0
     if reference.keep.any():
-        counted = (1.0 - trim) * reference.keep.sum().item()
-        kept = min(1.0, hits[reference.keep].sum().item() / counted)
+        missed = torch.nonzero(reference.keep & ~hits).flatten()
+        excused = min(len(one_class_share(missed, classes, gate)),
+                      trim * reference.keep.sum().item())
+        kept = hits[reference.keep].sum().item() / (reference.keep.sum().item() - excused)
     fixed = hits[rest].float().mean().item() if rest.any() else float("nan")
-    return kept, fixed
+    return kept, fixed, excused / max(reference.keep.sum().item(), 1)
 
 
 def optimise_bounds(
@@ -237,7 +250,8 @@ def optimise_bounds(
                 settings.seed,
             )
     reference = fidelity_reference(
-        settings.objective, fused_logits, ensemble_logits, settings.disagree_weight
+        settings.objective, fused_logits, ensemble_logits, settings.disagree_weight,
+        settings.class_gate,
     )
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     initial, init_kind = _initial_bounds(model, images, settings, warm_start)
@@ -250,7 +264,7 @@ def optimise_bounds(
     def snapshot() -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in z.items()}
 
-    kept, _ = _agreement(model, images, reference, trim)
+    kept, _, _ = _agreement(model, images, reference, trim, settings.class_gate)
     good = snapshot() if kept >= settings.target_agreement else None
     best = (kept, snapshot())
     previous_norm = norm_penalty(list(z.values()), settings.norm).item()
@@ -264,7 +278,8 @@ def optimise_bounds(
             weights = reference.weights[batch]
             if trim:
                 weights = trimmed_weights(
-                    logits, reference.target_logits[batch], weights, reference.keep[batch], trim
+                    logits, reference.target_logits[batch], weights, reference.keep[batch], trim,
+                    settings.class_gate,
                 )
             loss = fidelity_loss(logits, reference.target_logits[batch], weights)
             if probes is None:
@@ -277,7 +292,7 @@ def optimise_bounds(
             with torch.no_grad():
                 for value in z.values():
                     value.clamp_(min=0)
-        kept, _ = _agreement(model, images, reference, trim)
+        kept, _, _ = _agreement(model, images, reference, trim, settings.class_gate)
         if kept > best[0]:
             best = (kept, snapshot())
         if kept < settings.collapse_agreement:
@@ -305,7 +320,7 @@ def optimise_bounds(
     set_bounds(model, final)
     for p, flag in frozen:
         p.requires_grad_(flag)
-    kept, fixed = _agreement(model, images, reference, trim)
+    kept, fixed, excused = _agreement(model, images, reference, trim, settings.class_gate)
     stats = {
         "time": time.perf_counter() - started,
         "epochs": float(epochs_run),
@@ -314,6 +329,7 @@ def optimise_bounds(
         "overruled-agreement": fixed,
         "overruled-share": float((~reference.keep).float().mean()),
         "trimmed-share": trim,
+        "excused-share": excused,
         "samples": float(len(images)),
         "warm-start": float(init_kind == "warm"),
         "bound-norm": norm_penalty(list(final.values()), settings.norm).item(),
