@@ -292,12 +292,15 @@ def test_gated_switch_overrules_only_the_dominant_fused_class() -> None:
     ensemble = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 1, 2, 1, 2]), 3).float()
     plain = fidelity_reference("ensemble-switch", fused, ensemble, 3.0)
     assert plain.keep.tolist() == [True] * 3 + [False] * 4
+    assert plain.overruled.tolist() == [False] * 3 + [True] * 4
     gated = fidelity_reference("ensemble-switch", fused, ensemble, 3.0, class_gate=0.6)
-    assert gated.keep.tolist() == [True] * 3 + [False] * 3 + [True]
+    assert gated.overruled.tolist() == [False] * 3 + [True] * 3 + [False]
+    assert gated.keep.tolist() == plain.keep.tolist()  # sample 6 is uncertain: not counted
     assert torch.equal(gated.target_logits[6], fused[6]) and gated.weights[6] == 1.0
     assert torch.equal(gated.target_logits[3], ensemble[3]) and gated.weights[3] == 3.0
-    # Disagreements spread over classes: nothing is overruled.
-    assert fidelity_reference("agree", fused, ensemble, class_gate=0.8).keep.all()
+    # Disagreements spread over classes: nothing is overruled, all keep the fused outputs.
+    spread = fidelity_reference("agree", fused, ensemble, class_gate=0.8)
+    assert not spread.overruled.any() and spread.weights.tolist() == [1.0] * 7
 
 
 def test_gate_trims_only_worst_fitted_of_one_class() -> None:
@@ -337,7 +340,8 @@ def test_gated_fit_excuses_no_spread_disagreement(trained) -> None:
 
 def test_agreement_excuses_misses_only_when_they_share_a_class() -> None:
     targets = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0]), 3)
-    reference = Reference(targets.float(), torch.ones(10), torch.ones(10, dtype=torch.bool))
+    everyone = torch.ones(10, dtype=torch.bool)
+    reference = Reference(targets.float(), torch.ones(10), everyone, ~everyone)
     predicted = targets.float().clone()
     predicted[[0, 3], 1] = 5.0  # two misses, both of class 0
     assert _agreement(nn.Identity(), predicted, reference)[0] == pytest.approx(0.8)

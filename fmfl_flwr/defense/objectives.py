@@ -31,12 +31,14 @@ class Reference:
     """Per-sample fidelity targets on the defender's reference data.
 
     `weights` scales each sample's fidelity term (0 excludes it); `keep` marks the samples
-    whose target is the fused model's own output, on which agreement measures collapse.
+    whose target is the fused model's own output and that both models agree on, on which
+    agreement measures collapse; `overruled` marks those whose target is the ensemble's.
     """
 
     target_logits: torch.Tensor
     weights: torch.Tensor
     keep: torch.Tensor
+    overruled: torch.Tensor
 
 
 def one_class_share(candidates: torch.Tensor, classes: torch.Tensor, gate: float) -> torch.Tensor:
@@ -64,7 +66,8 @@ def fidelity_reference(
 
     With `class_gate`, the ensemble overrules the fused model only on the disagreements of
     one dominant fused class (`one_class_share`): a backdoor sends its samples there, while
-    a weaker non-IID ensemble's other disagreements keep the fused model's own outputs.
+    a weaker non-IID ensemble's other disagreements keep the fused model's own outputs as
+    targets (not counted in `keep`: they are the uncertain ones).
     """
     if objective not in OBJECTIVES:
         raise ValueError(
@@ -72,16 +75,18 @@ def fidelity_reference(
         )
     everyone = torch.ones(len(fused_logits), dtype=torch.bool)
     if ensemble_logits is None or objective in ("mm-bm", "mmac"):
-        return Reference(fused_logits, everyone.float(), everyone)
+        return Reference(fused_logits, everyone.float(), everyone, ~everyone)
     fused_classes = fused_logits.argmax(1)
-    disagree = torch.nonzero(fused_classes != ensemble_logits.argmax(1)).flatten()
-    agree = everyone.clone()
-    agree[one_class_share(disagree, fused_classes, class_gate)] = False
+    agree = fused_classes == ensemble_logits.argmax(1)
+    disagree = torch.nonzero(~agree).flatten()
+    overruled = ~everyone
+    overruled[one_class_share(disagree, fused_classes, class_gate)] = True
+    # the other disagreements: the fused model's own outputs, outside the agreement count
     if objective == "agree":
-        return Reference(fused_logits, agree.float(), agree)
-    targets = torch.where(agree[:, None], fused_logits, ensemble_logits)
-    weights = torch.where(agree, 1.0, float(disagree_weight))
-    return Reference(targets, weights, agree)
+        return Reference(fused_logits, (~overruled).float(), agree, overruled)
+    targets = torch.where(overruled[:, None], ensemble_logits, fused_logits)
+    weights = torch.where(overruled, float(disagree_weight), 1.0)
+    return Reference(targets, weights, agree, overruled)
 
 
 def fidelity_loss(

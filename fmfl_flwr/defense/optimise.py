@@ -194,7 +194,7 @@ def _agreement(
     predicted = predict_logits(model, images, device=torch.device("cpu")).argmax(1)
     classes = reference.target_logits.argmax(1)
     hits = predicted == classes
-    rest = ~reference.keep & (reference.weights > 0)
+    rest = reference.overruled & (reference.weights > 0)
     kept, excused = 1.0, 0.0
     if reference.keep.any():
         missed = torch.nonzero(reference.keep & ~hits).flatten()
@@ -327,7 +327,7 @@ def optimise_bounds(
         "c": c,
         "agreement": kept,
         "overruled-agreement": fixed,
-        "overruled-share": float((~reference.keep).float().mean()),
+        "overruled-share": float(reference.overruled.float().mean()),
         "trimmed-share": trim,
         "excused-share": excused,
         "samples": float(len(images)),
