@@ -204,11 +204,11 @@ def test_bounds_step_reuses_the_fusion_ensemble(trained) -> None:
         tiny,
         images,
         labels,
-        BoundSettings(epochs=0, max_samples=300, class_gate=0.0),
+        BoundSettings(epochs=0, max_samples=300),
         ensemble_source=lambda: always_zero,
     )
     step(1, model.state_dict(), [], [])
-    assert 0.4 < step.history[0]["overruled-share"] < 0.9  # fused classes 1 and 2
+    assert 0.4 < step.history[0]["overruled-share"] < 0.9
 
 
 def test_settings_from_run_config() -> None:
@@ -378,8 +378,7 @@ def test_trim_lets_the_bounds_give_up_the_trimmed_share(trained) -> None:
     def fit(trim: float) -> dict[str, float]:
         bounded = attach_bounds(tiny())
         bounded.load_state_dict(model.state_dict(), strict=False)
-        settings = BoundSettings(trim=trim, class_gate=0.0, batch_size=100, epochs=30,
-                                 patience=99, lr=0.2)
+        settings = BoundSettings(trim=trim, batch_size=100, epochs=30, patience=99, lr=0.2)
         return optimise_bounds(bounded, images[:300], labels[:300], settings=settings)[1]
 
     plain, trimmed = fit(0.0), fit(0.3)
