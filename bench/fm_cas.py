@@ -1,8 +1,8 @@
 """CAS of the FM: the task's classifier trained on D_syn alone vs on as many real images.
 
-Target for the committed Fashion-MNIST FM: CAS >= 70% with 10,000 synthetic images. The
-real baseline draws the same count, class-balanced, from the training set (the public split
-holds only 6,000). With --trigger it also reports the trigger share per class of D_syn and
+Targets (issue 3): CAS >= 70% for Fashion-MNIST with 10,000 synthetic images, >= 35% for
+CIFAR-10 (`--cas-target 0.35`). The real baseline draws the same count, class-balanced,
+from the training set (the public split holds only 6,000). With --trigger it also reports the trigger share per class of D_syn and
 the ASR that D_syn plants in the CAS classifier (for a poisoned-weights FM).
 
     python bench/fm_cas.py --fm assets/fm/fashion-mnist --per-class 1000 --fm-steps 10 \
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--trigger", default="", help="measure this trigger (e.g. badnets)")
     parser.add_argument("--target-label", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--cas-target", type=float, default=0.70)
     parser.add_argument("--out", type=Path,
                         default=Path("bench/results/fm_cas_fashion-mnist.json"))
     args = parser.parse_args()
@@ -46,7 +47,8 @@ def main() -> None:
                          epochs=args.epochs, real_from=args.real_from, trigger=args.trigger,
                          target_label=args.target_label)
     result.update({"fm_path": args.fm, "fm_steps": args.fm_steps, "guidance": args.guidance,
-                   "cas_target": 0.70, "meets_target": result["cas"] >= 0.70,
+                   "cas_target": args.cas_target,
+                   "meets_target": result["cas"] >= args.cas_target,
                    "wall_seconds": time.perf_counter() - started,
                    "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()})
     args.out.parent.mkdir(parents=True, exist_ok=True)
