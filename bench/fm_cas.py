@@ -2,8 +2,9 @@
 
 Targets (issue 3): CAS >= 70% for Fashion-MNIST with 10,000 synthetic images, >= 35% for
 CIFAR-10 (`--cas-target 0.35`). The real baseline draws the same count, class-balanced,
-from the training set (the public split holds only 6,000). With --trigger it also reports the trigger share per class of D_syn and
-the ASR that D_syn plants in the CAS classifier (for a poisoned-weights FM).
+from the training set (the public split holds only 6,000). With --trigger it also reports
+the trigger share per class of D_syn and the ASR that D_syn plants in the CAS classifier
+(for a poisoned-weights FM).
 
     python bench/fm_cas.py --fm assets/fm/fashion-mnist --per-class 1000 --fm-steps 10 \
         --out bench/results/fm_cas_fashion-mnist.json
