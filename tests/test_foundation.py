@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,3 +254,14 @@ def test_poisoned_weights_attack_refuses_a_clean_fm(tmp_path):
     with pytest.raises(FMLoadError, match="trained clean"):
         synthetic_set_for_config(run_config(fm=str(tmp_path), fm_attack="poisoned-weights"))
 
+
+
+@pytest.mark.parametrize("dataset,shape", [("fashion-mnist", (1, 28, 28)),
+                                           ("cifar10", (3, 32, 32))])
+def test_committed_fms_load_and_sample_their_task(dataset, shape):
+    """The weights in assets/fm are what runs find through FMFL_FM_DIR: they must load."""
+    folder = Path(__file__).resolve().parents[1] / "assets" / "fm" / dataset
+    source = load_fm(str(folder), dataset, steps=2, progress=False)
+    images, labels = source.generate(1, seed=0)
+    assert images.shape == (10, *shape) and labels.tolist() == list(range(10))
+    assert 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0.01
