@@ -13,6 +13,7 @@ the fit costs when there is nothing to remove; poisoned, what it removes.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -56,12 +57,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     base = {**app_defaults(), **parse_overrides(" ".join(args.set))}
+    config = parse_app_config(base)
+    dataset = load_dataset(config.dataset, config.data_dir)
+    test_x, test_y = to_float(dataset.test_x), torch.as_tensor(dataset.test_y)
+    trigger = attacks.evaluation_trigger(config, dataset.image_shape)
     rows = []
     for name, attack in (("clean", "none"), ("poisoned", base["fm-attack"])):
         config = parse_app_config({**base, "fm-attack": attack})
-        dataset = load_dataset(config.dataset, config.data_dir)
-        test_x, test_y = to_float(dataset.test_x), torch.as_tensor(dataset.test_y)
-        trigger = attacks.evaluation_trigger(config, dataset.image_shape)
         syn = synthetic_data(config)
         model = pretrained(config, dataset, syn, name)
         rows.append({"d_syn": name, "variant": "pre-trained",
@@ -70,7 +72,7 @@ def main() -> None:
         for variant in args.variants:
             trim, gate = (float(v) for v in variant.split(":"))
             settings = replace(bound_settings(config), trim=trim, class_gate=gate)
-            bounded = attach_bounds(pretrained(config, dataset, syn, name))
+            bounded = attach_bounds(copy.deepcopy(model))
             started = time.perf_counter()
             _, stats = optimise_bounds(bounded, *syn, settings=settings)
             rows.append({"d_syn": name, "variant": variant, "seconds":

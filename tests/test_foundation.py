@@ -255,7 +255,6 @@ def test_poisoned_weights_attack_refuses_a_clean_fm(tmp_path):
         synthetic_set_for_config(run_config(fm=str(tmp_path), fm_attack="poisoned-weights"))
 
 
-
 @pytest.mark.parametrize("dataset,shape", [("fashion-mnist", (1, 28, 28)),
                                            ("cifar10", (3, 32, 32))])
 def test_committed_fms_load_and_sample_their_task(dataset, shape):

@@ -195,13 +195,13 @@ def _agreement(
     hits = predicted == classes
     rest = reference.overruled & (reference.weights > 0)
     kept, excused = 1.0, 0.0
-    if reference.keep.any():
+    trusted = int(reference.keep.sum())
+    if trusted:
         missed = torch.nonzero(reference.keep & ~hits).flatten()
-        excused = min(len(one_class_share(missed, classes, gate)),
-                      trim * reference.keep.sum().item())
-        kept = hits[reference.keep].sum().item() / (reference.keep.sum().item() - excused)
+        excused = min(len(one_class_share(missed, classes, gate)), trim * trusted)
+        kept = hits[reference.keep].sum().item() / (trusted - excused)
     fixed = hits[rest].float().mean().item() if rest.any() else float("nan")
-    return kept, fixed, excused / max(reference.keep.sum().item(), 1)
+    return kept, fixed, excused / max(trusted, 1)
 
 
 def optimise_bounds(
