@@ -159,6 +159,24 @@ def test_warm_start_uses_previous_bounds(trained) -> None:
     assert all(torch.equal(bounds[k], v) for k, v in previous.items())
 
 
+def test_warm_fit_forwards_each_sample_once_per_epoch_plus_three_passes(trained) -> None:
+    """Cost: the fused logits, the starting and the final agreement, then one forward per
+    sample per epoch (the epoch's agreement comes from its own batches), plus the two
+    samples that check the warm start's shapes."""
+    model, images, labels = trained
+    bounded = attach_bounds(tiny())
+    bounded.load_state_dict(model.state_dict(), strict=False)
+    images = images[:300]
+    previous = quantile_bounds(bounded, images, 0.99)
+    forwarded = []
+    bounded.register_forward_hook(lambda _m, inputs, _out: forwarded.append(len(inputs[0])))
+    settings = BoundSettings(epochs=4, patience=99, batch_size=100)
+    _, stats = optimise_bounds(bounded, images, labels[:300], torch.randn(300, 3),
+                               settings, warm_start=previous)
+    assert stats["epochs"] == 4.0 and stats["warm-start"] == 1.0
+    assert sum(forwarded) == (3 + 4) * len(images) + 2
+
+
 def test_bounds_step_warm_starts_across_rounds(trained) -> None:
     model, images, labels = trained
     step = make_defense(

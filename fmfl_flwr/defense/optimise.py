@@ -6,7 +6,10 @@ the bounded model's agreement with the fused model on the `keep` samples (those 
 target is the fused model's own output). High agreement pushes harder (c *= c_up); a
 collapse below `collapse_agreement` halves c at once and restores the last good bounds;
 the zone between backs off slowly. Agreement on samples where the ensemble overrules
-the fused model never lowers c, so keeping the backdoor is never rewarded.
+the fused model never lowers c, so keeping the backdoor is never rewarded. Each epoch's
+agreement is read from that epoch's own forward passes (every sample once, before its
+step) rather than a separate pass, which cost a quarter of the fit; the stats returned
+are measured on the final bounds.
 """
 
 from __future__ import annotations
@@ -169,12 +172,17 @@ def _initial_bounds(
     settings: BoundSettings,
     warm_start: dict[str, torch.Tensor] | None,
 ) -> tuple[dict, str]:
-    """Last round's bounds when they fit this model, else the configured init."""
-    shaped = quantile_bounds(model, images, settings.init_quantile, settings.granularity)
+    """Last round's bounds when they fit this model, else the configured init.
+
+    The fit is checked on the shapes of two samples' bounds, so a warm start skips the
+    full quantile pass.
+    """
+    shapes = quantile_bounds(model, images[:2], settings.init_quantile, settings.granularity)
     if warm_start is not None and all(
-        k in warm_start and warm_start[k].shape == v.shape for k, v in shaped.items()
+        k in warm_start and warm_start[k].shape == v.shape for k, v in shapes.items()
     ):
-        return {k: warm_start[k].clone() for k in shaped}, "warm"
+        return {k: warm_start[k].clone() for k in shapes}, "warm"
+    shaped = quantile_bounds(model, images, settings.init_quantile, settings.granularity)
     if settings.init == "constant":
         return {k: torch.full_like(v, settings.init_value) for k, v in shaped.items()}, "constant"
     return shaped, "quantile"
@@ -184,13 +192,20 @@ def _agreement(
     model: nn.Module, images: torch.Tensor, reference: Reference, trim: float = 0.0,
     gate: float = 0.0,
 ) -> tuple[float, float, float]:
+    """`_agreement_of` the bounded model's predictions on `images`."""
+    predicted = predict_logits(model, images, device=torch.device("cpu")).argmax(1)
+    return _agreement_of(predicted, reference, trim, gate)
+
+
+def _agreement_of(
+    predicted: torch.Tensor, reference: Reference, trim: float = 0.0, gate: float = 0.0,
+) -> tuple[float, float, float]:
     """(agreement on keep samples, agreement with the overruling targets elsewhere, the
-    share of keep samples excused).
+    share of keep samples excused), from one predicted class per reference sample.
 
     With `trim`, up to a `trim` share of the keep samples may disagree for free (with
     `gate`, only disagreements concentrated on one class: `one_class_share`).
     """
-    predicted = predict_logits(model, images, device=torch.device("cpu")).argmax(1)
     classes = reference.target_logits.argmax(1)
     hits = predicted == classes
     rest = reference.overruled & (reference.weights > 0)
@@ -271,9 +286,11 @@ def optimise_bounds(
     for _ in range(settings.epochs):
         epochs_run += 1
         order = torch.randperm(len(images), generator=generator)
+        predicted = torch.empty(len(images), dtype=torch.long)
         for start in range(0, len(order), settings.batch_size):
             batch = order[start : start + settings.batch_size]
             logits = model(images[batch])
+            predicted[batch] = logits.detach().argmax(1)
             weights = reference.weights[batch]
             if trim:
                 weights = trimmed_weights(
@@ -291,7 +308,7 @@ def optimise_bounds(
             with torch.no_grad():
                 for value in z.values():
                     value.clamp_(min=0)
-        kept, _, _ = _agreement(model, images, reference, trim, settings.class_gate)
+        kept, _, _ = _agreement_of(predicted, reference, trim, settings.class_gate)
         if kept > best[0]:
             best = (kept, snapshot())
         if kept < settings.collapse_agreement:
