@@ -6,10 +6,10 @@ the bounded model's agreement with the fused model on the `keep` samples (those 
 target is the fused model's own output). High agreement pushes harder (c *= c_up); a
 collapse below `collapse_agreement` halves c at once and restores the last good bounds;
 the zone between backs off slowly. Agreement on samples where the ensemble overrules
-the fused model never lowers c, so keeping the backdoor is never rewarded. Each epoch's
-agreement is read from that epoch's own forward passes (every sample once, before its
-step) rather than a separate pass, which cost a quarter of the fit; the stats returned
-are measured on the final bounds.
+the fused model never lowers c, so keeping the backdoor is never rewarded. Agreement is
+measured in a pass of its own after each epoch: read from the epoch's training batches
+instead, the "good" bounds were never verified and a clean round-0 fit ended at 0.896
+agreement (docs/defense.md, "Cost control").
 """
 
 from __future__ import annotations
@@ -192,20 +192,13 @@ def _agreement(
     model: nn.Module, images: torch.Tensor, reference: Reference, trim: float = 0.0,
     gate: float = 0.0,
 ) -> tuple[float, float, float]:
-    """`_agreement_of` the bounded model's predictions on `images`."""
-    predicted = predict_logits(model, images, device=torch.device("cpu")).argmax(1)
-    return _agreement_of(predicted, reference, trim, gate)
-
-
-def _agreement_of(
-    predicted: torch.Tensor, reference: Reference, trim: float = 0.0, gate: float = 0.0,
-) -> tuple[float, float, float]:
     """(agreement on keep samples, agreement with the overruling targets elsewhere, the
-    share of keep samples excused), from one predicted class per reference sample.
+    share of keep samples excused).
 
     With `trim`, up to a `trim` share of the keep samples may disagree for free (with
     `gate`, only disagreements concentrated on one class: `one_class_share`).
     """
+    predicted = predict_logits(model, images, device=torch.device("cpu")).argmax(1)
     classes = reference.target_logits.argmax(1)
     hits = predicted == classes
     rest = reference.overruled & (reference.weights > 0)
@@ -286,11 +279,9 @@ def optimise_bounds(
     for _ in range(settings.epochs):
         epochs_run += 1
         order = torch.randperm(len(images), generator=generator)
-        predicted = torch.empty(len(images), dtype=torch.long)
         for start in range(0, len(order), settings.batch_size):
             batch = order[start : start + settings.batch_size]
             logits = model(images[batch])
-            predicted[batch] = logits.detach().argmax(1)
             weights = reference.weights[batch]
             if trim:
                 weights = trimmed_weights(
@@ -308,7 +299,7 @@ def optimise_bounds(
             with torch.no_grad():
                 for value in z.values():
                     value.clamp_(min=0)
-        kept, _, _ = _agreement_of(predicted, reference, trim, settings.class_gate)
+        kept, _, _ = _agreement(model, images, reference, trim, settings.class_gate)
         if kept > best[0]:
             best = (kept, snapshot())
         if kept < settings.collapse_agreement:
