@@ -1,7 +1,7 @@
 """The round-0 defense on CIFAR-10 ResNet-18, at the scale a 2-core CPU allows.
 
-No CIFAR-10 FM is trained yet (it needs a GPU), so D_syn is stood in for by the real public
-split (10% of the training set, which no client holds) with `--poison-ratio` of its
+D_syn is stood in for by the real public split (10% of the training set, which no client
+holds; written before the CPU stand-in FM in assets/fm/cifar10 existed) with `--poison-ratio` of its
 non-target images stamped with the BadNets trigger and relabelled to class 0: what the
 poisoned pipeline does to an FM's output. A ResNet-18 (width `--width`) is pre-trained on it
 (the server's round 0), then defended with the bounds fitted on D_syn alone: MM-BM (no
