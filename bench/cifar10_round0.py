@@ -1,13 +1,13 @@
 """The round-0 defense on CIFAR-10 ResNet-18, at the scale a 2-core CPU allows.
 
 D_syn is stood in for by the real public split (10% of the training set, which no client
-holds; written before the CPU stand-in FM in assets/fm/cifar10 existed) with `--poison-ratio` of its
-non-target images stamped with the BadNets trigger and relabelled to class 0: what the
-poisoned pipeline does to an FM's output. A ResNet-18 (width `--width`) is pre-trained on it
-(the server's round 0), then defended with the bounds fitted on D_syn alone: MM-BM (no
-trimming) and the shipped trimmed fit. One clean local epoch on a client's IID share, through
-the served bounds, stands in for round 1. ACC and ASR on the real test set, which nothing
-here trains on. The pre-trained model is cached; the JSON holds every row.
+holds; chosen before the CPU stand-in FM in assets/fm/cifar10 existed) with `--poison-ratio`
+of its non-target images stamped with the BadNets trigger and relabelled to class 0: what
+the poisoned pipeline does to an FM's output. A ResNet-18 (width `--width`) is pre-trained
+on it (the server's round 0), then defended with the bounds fitted on D_syn alone: MM-BM (no
+trimming) and the shipped trimmed fit. One clean local epoch on a client's IID share,
+through the served bounds, stands in for round 1. ACC and ASR on the real test set, which
+nothing here trains on. The pre-trained model is cached; the JSON holds every row.
 
     python bench/cifar10_round0.py --out bench/results/cifar10_round0.json
 """

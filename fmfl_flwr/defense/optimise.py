@@ -7,9 +7,8 @@ target is the fused model's own output). High agreement pushes harder (c *= c_up
 collapse below `collapse_agreement` halves c at once and restores the last good bounds;
 the zone between backs off slowly. Agreement on samples where the ensemble overrules
 the fused model never lowers c, so keeping the backdoor is never rewarded. Agreement is
-measured in a pass of its own after each epoch: read from the epoch's training batches
-instead, the "good" bounds were never verified and a clean round-0 fit ended at 0.896
-agreement (docs/defense.md, "Cost control").
+measured in a pass of its own after each epoch, so the bounds kept as good are the ones
+measured (read from the training batches instead, they were not: docs/defense.md).
 """
 
 from __future__ import annotations
