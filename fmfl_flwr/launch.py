@@ -19,6 +19,7 @@ from typing import IO, Any
 
 import psutil
 
+from fmfl_flwr.results import git_commit
 from fmfl_flwr.secure import Security, public_key
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -99,6 +100,7 @@ def run_simulation(run_config: dict[str, Any], num_supernodes: int = 10,
     full_env = {**flower_env(env, flwr_home),
                 "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
                 "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    full_env.setdefault("FMFL_GIT_COMMIT", git_commit(Path(app_dir)))
     command = [str(Path(sys.executable).with_name("flwr")), "run", str(app_dir),
                "--run-config", str(overrides), "--stream",
                "--federation-config", federation_config(num_supernodes, cpus_per_client)]

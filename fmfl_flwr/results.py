@@ -25,11 +25,17 @@ def resolve_output_dir(output_dir: str) -> Path:
     return Path(base).expanduser().resolve()
 
 
-def git_commit() -> str:
-    """The commit of the code that runs, where a git checkout is at hand."""
+def git_commit(app_dir: Path | None = None) -> str:
+    """The commit of the code that runs (of `app_dir` when given), where git can tell.
+
+    `FMFL_GIT_COMMIT` wins: launchers set it to the app folder's commit, because a
+    simulated app runs from a copy installed under the Flower home, which may sit inside
+    another checkout (a grid run from a git worktree writing into the main one's results).
+    """
     if os.environ.get("FMFL_GIT_COMMIT"):
         return os.environ["FMFL_GIT_COMMIT"]
-    for folder in (Path(__file__).resolve().parent, Path.cwd()):
+    folders = [app_dir] if app_dir else [Path(__file__).resolve().parent, Path.cwd()]
+    for folder in folders:
         try:
             out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"],
                                  capture_output=True, text=True, timeout=5, check=True)
