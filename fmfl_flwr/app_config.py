@@ -53,4 +53,5 @@ def bound_settings(config: ExperimentConfig) -> BoundSettings:
                    init_quantile=config.bounds_init_quantile,
                    target_agreement=config.bounds_target_agreement,
                    trim=config.bounds_trim,
-                   class_gate=config.bounds_class_gate, seed=config.seed)
+                   class_gate=config.bounds_class_gate,
+                   overrule_cap=config.bounds_overrule_cap, seed=config.seed)

@@ -84,6 +84,8 @@ class ExperimentConfig:
     bounds_trim: float = field(default=0.2, metadata={"min": 0.0, "max_exclusive": 1.0})
     # > 0: the trim and the ensemble's overrule act only on one class holding >= this share
     bounds_class_gate: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    # later rounds: the ensemble overrules the fused model on at most this share of D_syn
+    bounds_overrule_cap: float = field(default=0.2, metadata={"min_exclusive": 0.0, "max": 1.0})
     client_bounds: bool = True
     # threats
     fm_attack: str = field(default="poisoned-pipeline", metadata=_choices(*FM_ATTACKS))

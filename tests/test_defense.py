@@ -33,7 +33,7 @@ from fmfl_flwr.defense.objectives import (
     one_class_share,
     trimmed_weights,
 )
-from fmfl_flwr.defense.optimise import _agreement
+from fmfl_flwr.defense.optimise import _agreement, _verified
 from fmfl_flwr.models import build_model
 from fmfl_flwr.training import train_epochs
 
@@ -160,9 +160,10 @@ def test_warm_start_uses_previous_bounds(trained) -> None:
 
 
 def test_warm_fit_skips_the_quantile_pass(trained) -> None:
-    """Cost: the fused logits, the starting and the final agreement, two forwards per
-    sample per epoch (its batches, its agreement pass), and only the two samples that
-    check the warm start's shapes: no quantile pass over the reference data."""
+    """Cost: the fused logits, the starting agreement, one forward per sample per epoch
+    (its batches, which also give the epoch's agreement), the passes that verify the
+    bounds kept, and only the two samples that check the warm start's shapes: no quantile
+    pass over the reference data."""
     model, images, labels = trained
     bounded = attach_bounds(tiny())
     bounded.load_state_dict(model.state_dict(), strict=False)
@@ -174,7 +175,37 @@ def test_warm_fit_skips_the_quantile_pass(trained) -> None:
     _, stats = optimise_bounds(bounded, images, labels[:300], torch.randn(300, 3),
                                settings, warm_start=previous)
     assert stats["epochs"] == 4.0 and stats["warm-start"] == 1.0
-    assert sum(forwarded) == (3 + 2 * 4) * len(images) + 2
+    assert 1.0 <= stats["verify-passes"] <= 6.0
+    assert sum(forwarded) == (2 + 4 + stats["verify-passes"]) * len(images) + 2
+
+
+def test_kept_bounds_are_verified_newest_first(trained) -> None:
+    """Bounds read as good from training batches are measured before they are returned:
+    a failing newest candidate falls back to an older one that passes, and with none
+    passing the best measured one is kept."""
+    model, images, labels = trained
+    bounded = attach_bounds(tiny())
+    bounded.load_state_dict(model.state_dict(), strict=False)
+    images = images[:300]
+    loose = quantile_bounds(bounded, images, 1.0)
+    closed = {k: torch.zeros_like(v) for k, v in loose.items()}
+    with torch.no_grad(), bounds_disabled(bounded):
+        reference = fidelity_reference("mm-bm", bounded(images), None)
+    settings = BoundSettings()
+    bounds, agreement, checks = _verified(
+        bounded, images, reference, [(loose, None), (closed, None)], settings, 0.0
+    )
+    assert checks == 2 and agreement[0] == 1.0
+    assert all(torch.equal(bounds[k], loose[k]) for k in loose)
+    assert all(torch.equal(get_bounds(bounded)[k], loose[k]) for k in loose)
+    closed_agreement = _agreement(set_bounds(bounded, closed), images, reference)
+    assert closed_agreement[0] < settings.target_agreement  # the test's premise
+    # a candidate measured before (0.1) is not measured again; the better measured is kept
+    bounds, agreement, checks = _verified(
+        bounded, images, reference, [(loose, (0.1, 0.0, 0.0)), (closed, None)], settings, 0.0
+    )
+    assert checks == 1 and agreement[0] == closed_agreement[0]
+    assert all(torch.equal(get_bounds(bounded)[k], closed[k]) for k in closed)
 
 
 def test_bounds_step_warm_starts_across_rounds(trained) -> None:
@@ -222,7 +253,7 @@ def test_bounds_step_reuses_the_fusion_ensemble(trained) -> None:
         tiny,
         images,
         labels,
-        BoundSettings(epochs=0, max_samples=300),
+        BoundSettings(epochs=0, max_samples=300, overrule_cap=1.0),
         ensemble_source=lambda: always_zero,
     )
     step(1, model.state_dict(), [], [])
@@ -320,6 +351,21 @@ def test_gated_switch_overrules_only_the_dominant_fused_class() -> None:
     spread = fidelity_reference("agree", fused, ensemble, class_gate=0.8)
     assert not spread.overruled.any() and spread.weights.tolist() == [1.0] * 7
 
+
+def test_overrule_cap_keeps_the_disagreements_the_fused_model_is_surest_of() -> None:
+    # Samples 0-1 agree; 2-5 disagree, the fused model surest on 4, then 2.
+    fused = torch.tensor([[5.0, 0, 0], [0, 5, 0], [3, 0, 0], [1, 0.5, 0], [9, 0, 0],
+                          [0, 1, 0.8]])
+    ensemble = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 2, 1, 2]), 3).float()
+    capped = fidelity_reference("ensemble-switch", fused, ensemble, 3.0, overrule_cap=2 / 6)
+    assert capped.overruled.tolist() == [False, False, True, False, True, False]
+    assert capped.keep.tolist() == [True, True, False, False, False, False]
+    assert torch.equal(capped.target_logits[3], fused[3]) and capped.weights[3] == 1.0
+    assert torch.equal(capped.target_logits[4], ensemble[4]) and capped.weights[4] == 3.0
+    everything = fidelity_reference("ensemble-switch", fused, ensemble, 3.0, overrule_cap=1.0)
+    assert everything.overruled.tolist() == [False, False, True, True, True, True]
+    with pytest.raises(ValueError, match="overrule-cap"):
+        BoundSettings(overrule_cap=0.0)
 
 def test_gate_trims_only_worst_fitted_of_one_class() -> None:
     classes = torch.tensor([0, 1, 1, 2, 1, 0])

@@ -61,13 +61,16 @@ def fidelity_reference(
     ensemble_logits: torch.Tensor | None,
     disagree_weight: float = 1.0,
     class_gate: float = 0.0,
+    overrule_cap: float = 1.0,
 ) -> Reference:
     """Targets and weights of `objective`; without an ensemble every objective is MM-BM's.
 
-    With `class_gate`, the ensemble overrules the fused model only on the disagreements of
-    one dominant fused class (`one_class_share`): a backdoor sends its samples there, while
-    a weaker non-IID ensemble's other disagreements keep the fused model's own outputs as
-    targets (not counted in `keep`: they are the uncertain ones).
+    The ensemble overrules the fused model on at most `overrule_cap` of the samples: the
+    disagreements where the fused model is most confident (`confident_first`). With
+    `class_gate`, only on the disagreements of one dominant fused class (`one_class_share`):
+    a backdoor sends its samples there. The other disagreements, a weaker non-IID
+    ensemble's errors, keep the fused model's own outputs as targets (not counted in
+    `keep`: they are the uncertain ones).
     """
     if objective not in OBJECTIVES:
         raise ValueError(
@@ -79,14 +82,30 @@ def fidelity_reference(
     fused_classes = fused_logits.argmax(1)
     agree = fused_classes == ensemble_logits.argmax(1)
     disagree = torch.nonzero(~agree).flatten()
+    candidates = one_class_share(disagree, fused_classes, class_gate)
     overruled = ~everyone
-    overruled[one_class_share(disagree, fused_classes, class_gate)] = True
+    overruled[confident_first(candidates, fused_logits, overrule_cap)] = True
     # the other disagreements: the fused model's own outputs, outside the agreement count
     if objective == "agree":
         return Reference(fused_logits, (~overruled).float(), agree, overruled)
     targets = torch.where(overruled[:, None], ensemble_logits, fused_logits)
     weights = torch.where(overruled, float(disagree_weight), 1.0)
     return Reference(targets, weights, agree, overruled)
+
+
+def confident_first(candidates: torch.Tensor, fused_logits: torch.Tensor, cap: float
+                    ) -> torch.Tensor:
+    """The `candidates` (indices), at most `cap` of all samples, most confident fused first.
+
+    A trigger makes the backdoored fused model confident in its target class, while the
+    samples a non-IID ensemble gets wrong are mostly ones the fused model is less sure of;
+    the cap is the share of D_syn the defender allows to be poisoned.
+    """
+    limit = int(cap * len(fused_logits))
+    if len(candidates) <= limit:
+        return candidates
+    confidence = fused_logits[candidates].softmax(1).amax(1)
+    return candidates[confidence.topk(limit).indices]
 
 
 def fidelity_loss(

@@ -6,9 +6,11 @@ the bounded model's agreement with the fused model on the `keep` samples (those 
 target is the fused model's own output). High agreement pushes harder (c *= c_up); a
 collapse below `collapse_agreement` halves c at once and restores the last good bounds;
 the zone between backs off slowly. Agreement on samples where the ensemble overrules
-the fused model never lowers c, so keeping the backdoor is never rewarded. Agreement is
-measured in a pass of its own after each epoch, so the bounds kept as good are the ones
-measured (read from the training batches instead, they were not: docs/defense.md).
+the fused model never lowers c, so keeping the backdoor is never rewarded. Each epoch's
+agreement is read from its own training batches (every sample once, before its step), which
+saves the separate pass that cost a third of an epoch; since the bounds move within the
+epoch, the bounds remembered as good are verified by a real pass before they are returned,
+newest first, falling back to older ones while they fail (docs/defense.md, "Cost control").
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ class BoundSettings:
     # of one dominant class holding >= this share of the candidates (a backdoor's target).
     # Off: it saved clean ACC but let the FM attack through under Dirichlet 0.1 (37% ASR)
     class_gate: float = 0.0
+    # later rounds: the ensemble overrules the fused model on at most this share of the
+    # reference, the disagreements the fused model is surest of; 1 overrules them all
+    overrule_cap: float = 0.2
     margin_per_class: int = 30  # mmac probes
     margin_steps: int = 100
     prune_max_drop: float = 0.04  # the pruning baseline's allowed reference-accuracy drop
@@ -88,6 +93,8 @@ class BoundSettings:
             )
         if not 0.0 <= self.trim < 1.0:
             raise ValueError(f"bounds trim={self.trim!r} must be in [0, 1)")
+        if not 0.0 < self.overrule_cap <= 1.0:
+            raise ValueError(f"bounds overrule-cap={self.overrule_cap!r} must be in (0, 1]")
         if not 0.0 <= self.class_gate <= 1.0:
             raise ValueError(f"bounds class-gate={self.class_gate!r} must be in [0, 1]")
         if self.init not in ("quantile", "constant"):
@@ -187,17 +194,27 @@ def _initial_bounds(
     return shaped, "quantile"
 
 
+Agreement = tuple[float, float, float]
+
+
 def _agreement(
     model: nn.Module, images: torch.Tensor, reference: Reference, trim: float = 0.0,
     gate: float = 0.0,
-) -> tuple[float, float, float]:
+) -> Agreement:
+    """`_agreement_of` the bounded model's predictions on `images` (one forward pass)."""
+    predicted = predict_logits(model, images, device=torch.device("cpu")).argmax(1)
+    return _agreement_of(predicted, reference, trim, gate)
+
+
+def _agreement_of(
+    predicted: torch.Tensor, reference: Reference, trim: float = 0.0, gate: float = 0.0,
+) -> Agreement:
     """(agreement on keep samples, agreement with the overruling targets elsewhere, the
-    share of keep samples excused).
+    share of keep samples excused), from one predicted class per reference sample.
 
     With `trim`, up to a `trim` share of the keep samples may disagree for free (with
     `gate`, only disagreements concentrated on one class: `one_class_share`).
     """
-    predicted = predict_logits(model, images, device=torch.device("cpu")).argmax(1)
     classes = reference.target_logits.argmax(1)
     hits = predicted == classes
     rest = reference.overruled & (reference.weights > 0)
@@ -209,6 +226,35 @@ def _agreement(
         kept = hits[reference.keep].sum().item() / (trusted - excused)
     fixed = hits[rest].float().mean().item() if rest.any() else float("nan")
     return kept, fixed, excused / max(trusted, 1)
+
+
+def _verified(
+    model: nn.Module,
+    images: torch.Tensor,
+    reference: Reference,
+    candidates: list[tuple[dict[str, torch.Tensor], Agreement | None]],
+    settings: BoundSettings,
+    trim: float,
+) -> tuple[dict[str, torch.Tensor], Agreement, int]:
+    """The last candidate whose measured agreement meets the target, set on `model`.
+
+    Candidates are tried last first; one read from training batches (None) is measured by
+    a pass of its own. If none meets the target, the best measured one is kept. Returns
+    the bounds, their `_agreement` and how many passes the check took.
+    """
+    checks, fallback = 0, None
+    for bounds, measured in reversed(candidates):
+        if measured is None:
+            set_bounds(model, bounds)
+            measured = _agreement(model, images, reference, trim, settings.class_gate)
+            checks += 1
+        if measured[0] >= settings.target_agreement:
+            fallback = (bounds, measured)
+            break
+        if fallback is None or measured[0] > fallback[1][0]:
+            fallback = (bounds, measured)
+    set_bounds(model, fallback[0])
+    return fallback[0], fallback[1], checks
 
 
 def optimise_bounds(
@@ -257,7 +303,7 @@ def optimise_bounds(
             )
     reference = fidelity_reference(
         settings.objective, fused_logits, ensemble_logits, settings.disagree_weight,
-        settings.class_gate,
+        settings.class_gate, settings.overrule_cap,
     )
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     initial, init_kind = _initial_bounds(model, images, settings, warm_start)
@@ -270,17 +316,24 @@ def optimise_bounds(
     def snapshot() -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in z.items()}
 
-    kept, _, _ = _agreement(model, images, reference, trim, settings.class_gate)
-    good = snapshot() if kept >= settings.target_agreement else None
+    measured = _agreement(model, images, reference, trim, settings.class_gate)
+    kept = measured[0]
+    # bounds remembered as good, newest last, each with its measured agreement (None: read
+    # from the batches of the epoch that ended with them, to be verified before returning)
+    good: list[tuple[dict[str, torch.Tensor], Agreement | None]] = []
+    if kept >= settings.target_agreement:
+        good.append((snapshot(), measured))
     best = (kept, snapshot())
     previous_norm = norm_penalty(list(z.values()), settings.norm).item()
     quiet, epochs_run = 0, 0
     for _ in range(settings.epochs):
         epochs_run += 1
         order = torch.randperm(len(images), generator=generator)
+        predicted = torch.empty(len(images), dtype=torch.long)
         for start in range(0, len(order), settings.batch_size):
             batch = order[start : start + settings.batch_size]
             logits = model(images[batch])
+            predicted[batch] = logits.detach().argmax(1)
             weights = reference.weights[batch]
             if trim:
                 weights = trimmed_weights(
@@ -298,19 +351,19 @@ def optimise_bounds(
             with torch.no_grad():
                 for value in z.values():
                     value.clamp_(min=0)
-        kept, _, _ = _agreement(model, images, reference, trim, settings.class_gate)
+        kept, _, _ = _agreement_of(predicted, reference, trim, settings.class_gate)
         if kept > best[0]:
             best = (kept, snapshot())
         if kept < settings.collapse_agreement:
             c *= 0.5
-            restore = good if good is not None else best[1]
+            restore = good[-1][0] if good else best[1]
             with torch.no_grad():
                 for key, value in z.items():
                     value.copy_(restore[key])
             quiet = 0
             continue
         if kept >= settings.target_agreement:
-            good = snapshot()
+            good.append((snapshot(), None))
             c *= settings.c_up
         else:
             c /= settings.c_up
@@ -322,11 +375,12 @@ def optimise_bounds(
         )
         if quiet >= settings.patience:
             break
-    final = good if good is not None else best[1]
-    set_bounds(model, final)
+    # the batch-read best is the last resort: tried after every good candidate
+    final, (kept, fixed, excused), checks = _verified(
+        model, images, reference, [(best[1], None), *good], settings, trim
+    )
     for p, flag in frozen:
         p.requires_grad_(flag)
-    kept, fixed, excused = _agreement(model, images, reference, trim, settings.class_gate)
     stats = {
         "time": time.perf_counter() - started,
         "epochs": float(epochs_run),
@@ -338,6 +392,7 @@ def optimise_bounds(
         "excused-share": excused,
         "samples": float(len(images)),
         "warm-start": float(init_kind == "warm"),
+        "verify-passes": float(checks),
         "bound-norm": norm_penalty(list(final.values()), settings.norm).item(),
     }
     return final, stats
