@@ -62,15 +62,17 @@ def fidelity_reference(
     disagree_weight: float = 1.0,
     class_gate: float = 0.0,
     overrule_cap: float = 1.0,
+    unsure_weight: float = 1.0,
 ) -> Reference:
     """Targets and weights of `objective`; without an ensemble every objective is MM-BM's.
 
     The ensemble overrules the fused model on at most `overrule_cap` of the samples: the
     disagreements where the fused model is most confident (`confident_first`). With
     `class_gate`, only on the disagreements of one dominant fused class (`one_class_share`):
-    a backdoor sends its samples there. The other disagreements, a weaker non-IID
-    ensemble's errors, keep the fused model's own outputs as targets (not counted in
-    `keep`: they are the uncertain ones).
+    a backdoor sends its samples there. The other disagreements, mostly a weaker non-IID
+    ensemble's errors but also any poisoned sample the cap missed, keep the fused model's
+    own outputs as targets with weight `unsure_weight` (0 drops them); they are not
+    counted in `keep`.
     """
     if objective not in OBJECTIVES:
         raise ValueError(
@@ -86,10 +88,11 @@ def fidelity_reference(
     overruled = ~everyone
     overruled[confident_first(candidates, fused_logits, overrule_cap)] = True
     # the other disagreements: the fused model's own outputs, outside the agreement count
+    unsure = torch.where(agree, 1.0, float(unsure_weight))
     if objective == "agree":
-        return Reference(fused_logits, (~overruled).float(), agree, overruled)
+        return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled)
     targets = torch.where(overruled[:, None], ensemble_logits, fused_logits)
-    weights = torch.where(overruled, float(disagree_weight), 1.0)
+    weights = torch.where(overruled, float(disagree_weight), unsure)
     return Reference(targets, weights, agree, overruled)
 
 

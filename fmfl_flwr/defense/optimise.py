@@ -80,6 +80,8 @@ class BoundSettings:
     # later rounds: the ensemble overrules the fused model on at most this share of the
     # reference, the disagreements the fused model is surest of; 1 overrules them all
     overrule_cap: float = 0.2
+    # fidelity weight of the disagreements neither overruled nor trusted (fused targets)
+    unsure_weight: float = 1.0
     margin_per_class: int = 30  # mmac probes
     margin_steps: int = 100
     prune_max_drop: float = 0.04  # the pruning baseline's allowed reference-accuracy drop
@@ -93,6 +95,8 @@ class BoundSettings:
             )
         if not 0.0 <= self.trim < 1.0:
             raise ValueError(f"bounds trim={self.trim!r} must be in [0, 1)")
+        if self.unsure_weight < 0.0:
+            raise ValueError(f"bounds unsure-weight={self.unsure_weight!r} must be >= 0")
         if not 0.0 < self.overrule_cap <= 1.0:
             raise ValueError(f"bounds overrule-cap={self.overrule_cap!r} must be in (0, 1]")
         if not 0.0 <= self.class_gate <= 1.0:
@@ -303,7 +307,7 @@ def optimise_bounds(
             )
     reference = fidelity_reference(
         settings.objective, fused_logits, ensemble_logits, settings.disagree_weight,
-        settings.class_gate, settings.overrule_cap,
+        settings.class_gate, settings.overrule_cap, settings.unsure_weight,
     )
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     initial, init_kind = _initial_bounds(model, images, settings, warm_start)

@@ -1,0 +1,147 @@
+"""Which disagreements should the client ensemble overrule? One round's fit, several ways.
+
+Under Dirichlet 0.1 the non-IID client ensemble disagrees with the fused model on 40-50%
+of D_syn, far more than the poisoned share, and following it everywhere costs ACC. This
+bench runs the FM-FL loop in one process (as `bench/fmfl_loop.py`: pre-training and the
+round-0 fit, clients through the served bounds, FedAvg, fusion), and after each round's
+fusion fits the bounds with every `--variants` setting from the same fused model, warm
+start and ensemble; the loop itself goes on with the run config's settings. Each fit is
+measured on the real public split (no client trains on it; the test set is not used), and
+on D_syn it reports how many poisoned samples the disagreements and the capped overrule
+hold (the poisoned ones are those that differ from the clean D_syn of the same seed).
+
+    python bench/overrule_choice.py --set partition="'dirichlet'" seed=1 \
+        --out bench/results/overrule_choice_dirichlet_seed1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from fmfl_loop import fedavg  # the sibling bench's FedAvg by sample count
+
+from fmfl_flwr import attacks
+from fmfl_flwr.app_config import bound_settings, fusion_settings, parse_app_config
+from fmfl_flwr.cli import app_defaults, parse_overrides
+from fmfl_flwr.client_update import ClientRole, client_update
+from fmfl_flwr.data import load_dataset, to_float
+from fmfl_flwr.defense import attach_bounds, bound_keys, load_state_with_bounds, optimise_bounds
+from fmfl_flwr.defense.bounds import bounds_disabled
+from fmfl_flwr.defense.objectives import confident_first
+from fmfl_flwr.fusion import Fusion
+from fmfl_flwr.metrics import acc_and_asr
+from fmfl_flwr.models import build_model
+from fmfl_flwr.partition import client_indices, public_split
+from fmfl_flwr.training import predict_logits
+from server_app import defense_step, pretrain_and_defend, seed_everything, synthetic_data
+
+VARIANTS = {
+    "switch-all": {"overrule_cap": 1.0},
+    "switch-all-weight1": {"overrule_cap": 1.0, "disagree_weight": 1.0},
+    "agree": {"objective": "agree", "overrule_cap": 1.0},
+    "switch-cap0.2": {"overrule_cap": 0.2, "unsure_weight": 1.0},
+    "switch-cap0.2-unsure-dropped": {"overrule_cap": 0.2, "unsure_weight": 0.0},
+}
+
+
+def poison_census(fused_logits, ensemble_logits, poisoned, cap) -> dict[str, float]:
+    """Share of D_syn in disagreement, and how the poisoned samples sit in it and the cap."""
+    disagree = fused_logits.argmax(1) != ensemble_logits.argmax(1)
+    chosen = torch.zeros_like(disagree)
+    chosen[confident_first(torch.nonzero(disagree).flatten(), fused_logits, cap)] = True
+    return {"disagree-share": disagree.float().mean().item(),
+            "poisoned-among-disagree": poisoned[disagree].float().mean().item(),
+            "poisoned-caught-by-disagree": disagree[poisoned].float().mean().item(),
+            "poisoned-among-capped": poisoned[chosen].float().mean().item(),
+            "poisoned-caught-by-cap": chosen[poisoned].float().mean().item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", nargs="*", default=[],
+                        help="run-config overrides key=value, values in TOML as in flwr run")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    overrides = parse_overrides(" ".join(args.set))
+    config = parse_app_config({**app_defaults(), **overrides})
+    dataset = load_dataset(config.dataset, config.data_dir)
+    syn = synthetic_data(config)
+    clean = synthetic_data(parse_app_config({**app_defaults(), **overrides, "fm-attack": "none"}))
+    poisoned = (syn[0] != clean[0]).flatten(1).any(1)
+    public, _ = public_split(len(dataset.train_y), config.public_fraction, config.seed)
+    val_x, val_y = to_float(dataset.train_x[public]), torch.as_tensor(dataset.train_y[public])
+    trigger = attacks.evaluation_trigger(config, dataset.image_shape)
+
+    def model_fn():
+        return build_model(config.model, config.dataset, dataset.num_classes, config.model_width)
+
+    def validation(model) -> dict[str, float]:
+        return acc_and_asr(model, val_x, val_y, trigger, config.target_label)
+
+    seed_everything(config.seed)
+    parts = [client_indices(dataset.train_y, i, args.clients, config.partition,
+                            config.dirichlet_alpha, config.public_fraction, config.seed,
+                            config.data_fraction) for i in range(args.clients)]
+    data = [(to_float(dataset.train_x[p]), torch.as_tensor(dataset.train_y[p])) for p in parts]
+    model = model_fn()
+    fusion = Fusion(model_fn, *syn, fusion_settings(config))
+    defense = defense_step(config, dataset, model_fn, syn, fusion)
+    pretrain_and_defend(model, syn, fusion_settings(config), defense)
+    state = dict(model.state_dict())
+    rows = [{"round": 0, "variant": "run", **validation(model)}]
+    print(rows[-1], flush=True)
+    for server_round in range(1, args.rounds + 1):
+        states = [client_update(config, load_state_with_bounds(model_fn(), state), *data[i],
+                                dataset.image_shape, server_round, i, args.clients,
+                                ClientRole(False, -1, 0))[0] for i in range(args.clients)]
+        weights = [float(len(d[1])) for d in data]
+        fused = fusion(server_round, fedavg(states, weights), states, weights)
+        ensemble = fusion.last_ensemble_logits
+        fused_model = load_state_with_bounds(model_fn(), fused)
+        with bounds_disabled(fused_model):
+            fused_logits = predict_logits(fused_model, syn[0])
+            rows.append({"round": server_round, "variant": "fused, unbounded",
+                         **validation(fused_model),
+                         **poison_census(fused_logits, ensemble, poisoned,
+                                         bound_settings(config).overrule_cap)})
+        print(rows[-1], flush=True)
+        subset = torch.randperm(len(syn[0]), generator=torch.Generator().manual_seed(
+            config.seed + server_round))[: bound_settings(config).max_samples]
+        for name, change in VARIANTS.items():
+            settings = replace(bound_settings(config), **change)
+            bounded = attach_bounds(load_state_with_bounds(model_fn(), fused))
+            started = time.perf_counter()
+            _, stats = optimise_bounds(bounded, syn[0][subset], syn[1][subset],
+                                       ensemble[subset], settings, defense.last_bounds,
+                                       defense.last_c)
+            rows.append({"round": server_round, "variant": name,
+                         "seconds": time.perf_counter() - started, **stats,
+                         **validation(bounded)})
+            print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()},
+                  flush=True)
+        state = defense(server_round, fused, states, weights)
+        served = load_state_with_bounds(model_fn(), state)
+        rows.append({"round": server_round, "variant": "run",
+                     "bound-keys": len(bound_keys(state)), **validation(served)})
+        print(rows[-1], flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "overrides": args.set, "clients": args.clients, "variants": VARIANTS,
+        "settings": asdict(bound_settings(config)), "evaluated-on": "real public split",
+        "rows": rows,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
