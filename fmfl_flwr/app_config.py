@@ -54,4 +54,5 @@ def bound_settings(config: ExperimentConfig) -> BoundSettings:
                    target_agreement=config.bounds_target_agreement,
                    trim=config.bounds_trim,
                    class_gate=config.bounds_class_gate,
-                   overrule_cap=config.bounds_overrule_cap, seed=config.seed)
+                   overrule_cap=config.bounds_overrule_cap,
+                   unsure_weight=config.bounds_unsure_weight, seed=config.seed)

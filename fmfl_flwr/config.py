@@ -86,6 +86,8 @@ class ExperimentConfig:
     bounds_class_gate: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     # later rounds: the ensemble overrules the fused model on at most this share of D_syn
     bounds_overrule_cap: float = field(default=0.2, metadata={"min_exclusive": 0.0, "max": 1.0})
+    # the fidelity weight of the disagreements it does not overrule (fused targets)
+    bounds_unsure_weight: float = field(default=1.0, metadata={"min": 0.0})
     client_bounds: bool = True
     # threats
     fm_attack: str = field(default="poisoned-pipeline", metadata=_choices(*FM_ATTACKS))

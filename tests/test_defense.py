@@ -364,6 +364,12 @@ def test_overrule_cap_keeps_the_disagreements_the_fused_model_is_surest_of() -> 
     assert torch.equal(capped.target_logits[4], ensemble[4]) and capped.weights[4] == 3.0
     everything = fidelity_reference("ensemble-switch", fused, ensemble, 3.0, overrule_cap=1.0)
     assert everything.overruled.tolist() == [False, False, True, True, True, True]
+    dropped = fidelity_reference("ensemble-switch", fused, ensemble, 3.0, overrule_cap=2 / 6,
+                                 unsure_weight=0.0)
+    assert dropped.weights.tolist() == [1.0, 1.0, 3.0, 0.0, 3.0, 0.0]
+    agreeing = fidelity_reference("agree", fused, ensemble, overrule_cap=2 / 6,
+                                  unsure_weight=0.5)
+    assert agreeing.weights.tolist() == [1.0, 1.0, 0.0, 0.5, 0.0, 0.5]
     with pytest.raises(ValueError, match="overrule-cap"):
         BoundSettings(overrule_cap=0.0)
 
