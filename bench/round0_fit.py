@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import platform
@@ -54,6 +55,9 @@ def main() -> None:
                         help="run-config overrides key=value, values in TOML as in flwr run")
     parser.add_argument("--variants", nargs="+", default=["0.2:0", "0.2:0.5", "0:0"],
                         help="trim:gate pairs to fit")
+    parser.add_argument("--subset-seeds", nargs="+", type=int, default=None,
+                        help="fit each variant once per seed of its 1,000-sample subset "
+                             "(default: the run's seed): the spread the subset alone causes")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     base = {**app_defaults(), **parse_overrides(" ".join(args.set))}
@@ -69,14 +73,16 @@ def main() -> None:
         rows.append({"d_syn": name, "variant": "pre-trained",
                      **acc_and_asr(model, test_x, test_y, trigger, config.target_label)})
         print(rows[-1], flush=True)
-        for variant in args.variants:
+        for variant, subset_seed in itertools.product(args.variants,
+                                                      args.subset_seeds or [config.seed]):
             trim, gate = (float(v) for v in variant.split(":"))
-            settings = replace(bound_settings(config), trim=trim, class_gate=gate)
+            settings = replace(bound_settings(config), trim=trim, class_gate=gate,
+                               seed=subset_seed)
             bounded = attach_bounds(copy.deepcopy(model))
             started = time.perf_counter()
             _, stats = optimise_bounds(bounded, *syn, settings=settings)
-            rows.append({"d_syn": name, "variant": variant, "seconds":
-                         time.perf_counter() - started, **stats,
+            rows.append({"d_syn": name, "variant": variant, "subset-seed": subset_seed,
+                         "seconds": time.perf_counter() - started, **stats,
                          **acc_and_asr(bounded, test_x, test_y, trigger, config.target_label)})
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()},
                   flush=True)
