@@ -8,7 +8,7 @@ collapse below `collapse_agreement` halves c at once and restores the last good 
 the zone between backs off slowly. Agreement on samples where the ensemble overrules
 the fused model never lowers c, so keeping the backdoor is never rewarded. Each epoch's
 agreement is read from its own training batches (every sample once, before its step), which
-saves the separate pass that cost a third of an epoch; since the bounds move within the
+saves the separate pass that cost a quarter of an epoch; since the bounds move within the
 epoch, the bounds remembered as good are verified by a real pass before they are returned,
 newest first, falling back to older ones while they fail (docs/defense.md, "Cost control").
 """
@@ -246,19 +246,19 @@ def _verified(
     a pass of its own. If none meets the target, the best measured one is kept. Returns
     the bounds, their `_agreement` and how many passes the check took.
     """
-    checks, fallback = 0, None
+    checks, chosen = 0, None
     for bounds, measured in reversed(candidates):
         if measured is None:
             set_bounds(model, bounds)
             measured = _agreement(model, images, reference, trim, settings.class_gate)
             checks += 1
         if measured[0] >= settings.target_agreement:
-            fallback = (bounds, measured)
+            chosen = (bounds, measured)
             break
-        if fallback is None or measured[0] > fallback[1][0]:
-            fallback = (bounds, measured)
-    set_bounds(model, fallback[0])
-    return fallback[0], fallback[1], checks
+        if chosen is None or measured[0] > chosen[1][0]:
+            chosen = (bounds, measured)
+    set_bounds(model, chosen[0])
+    return chosen[0], chosen[1], checks
 
 
 def optimise_bounds(
