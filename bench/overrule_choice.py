@@ -35,6 +35,7 @@ from fmfl_flwr.data import load_dataset, to_float
 from fmfl_flwr.defense import attach_bounds, bound_keys, load_state_with_bounds, optimise_bounds
 from fmfl_flwr.defense.bounds import bounds_disabled
 from fmfl_flwr.defense.objectives import confident_first
+from fmfl_flwr.defense.steps import round_subset
 from fmfl_flwr.fusion import Fusion
 from fmfl_flwr.metrics import acc_and_asr
 from fmfl_flwr.models import build_model
@@ -93,9 +94,10 @@ def main() -> None:
                             config.data_fraction) for i in range(args.clients)]
     data = [(to_float(dataset.train_x[p]), torch.as_tensor(dataset.train_y[p])) for p in parts]
     model = model_fn()
-    fusion = Fusion(model_fn, *syn, fusion_settings(config))
+    shipped, distilling = bound_settings(config), fusion_settings(config)
+    fusion = Fusion(model_fn, *syn, distilling)
     defense = defense_step(config, dataset, model_fn, syn, fusion)
-    pretrain_and_defend(model, syn, fusion_settings(config), defense)
+    pretrain_and_defend(model, syn, distilling, defense)
     state = dict(model.state_dict())
     rows = [{"round": 0, "variant": "run", **validation(model)}]
     print(rows[-1], flush=True)
@@ -112,12 +114,11 @@ def main() -> None:
             rows.append({"round": server_round, "variant": "fused, unbounded",
                          **validation(fused_model),
                          **poison_census(fused_logits, ensemble, poisoned,
-                                         bound_settings(config).overrule_cap)})
+                                         shipped.overrule_cap)})
         print(rows[-1], flush=True)
-        subset = torch.randperm(len(syn[0]), generator=torch.Generator().manual_seed(
-            config.seed + server_round))[: bound_settings(config).max_samples]
+        subset = round_subset(len(syn[0]), shipped, server_round)  # the run's own subset
         for name, change in VARIANTS.items():
-            settings = replace(bound_settings(config), **change)
+            settings = replace(shipped, **change)
             bounded = attach_bounds(load_state_with_bounds(model_fn(), fused))
             started = time.perf_counter()
             _, stats = optimise_bounds(bounded, syn[0][subset], syn[1][subset],
@@ -136,7 +137,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "overrides": args.set, "clients": args.clients, "variants": VARIANTS,
-        "settings": asdict(bound_settings(config)), "evaluated-on": "real public split",
+        "settings": asdict(shipped), "evaluated-on": "real public split",
         "rows": rows,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},

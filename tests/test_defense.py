@@ -373,6 +373,7 @@ def test_overrule_cap_keeps_the_disagreements_the_fused_model_is_surest_of() -> 
     with pytest.raises(ValueError, match="overrule-cap"):
         BoundSettings(overrule_cap=0.0)
 
+
 def test_gate_trims_only_worst_fitted_of_one_class() -> None:
     classes = torch.tensor([0, 1, 1, 2, 1, 0])
     candidates = torch.tensor([1, 2, 3, 4])  # classes 1, 1, 2, 1: class 1 holds 3 of 4

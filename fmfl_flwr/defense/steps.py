@@ -47,6 +47,12 @@ def ensemble_logits(
     return torch.stack(logits).mean(0)
 
 
+def round_subset(num_samples: int, settings: BoundSettings, server_round: int) -> torch.Tensor:
+    """The reference samples a round's bound fit uses: `max_samples`, seeded by the round."""
+    generator = torch.Generator().manual_seed(settings.seed + server_round)
+    return torch.randperm(num_samples, generator=generator)[: settings.max_samples]
+
+
 class BoundsStep:
     """Fit activation bounds after fusion; `use_ensemble` False gives plain MM-BM/MMAC.
 
@@ -85,8 +91,7 @@ class BoundsStep:
         started = time.perf_counter()
         model = attach_bounds(load_bounded(self.build_model, global_state), self.layers)
         # One seeded subset per round: the ensemble's logits are only needed there.
-        generator = torch.Generator().manual_seed(self.settings.seed + server_round)
-        subset = torch.randperm(len(self.images), generator=generator)[: self.settings.max_samples]
+        subset = round_subset(len(self.images), self.settings, server_round)
         images, labels = self.images[subset], self.labels[subset]
         teacher = None
         if self.use_ensemble:
