@@ -34,7 +34,7 @@ from fmfl_flwr.client_update import ClientRole, client_update
 from fmfl_flwr.data import load_dataset, to_float
 from fmfl_flwr.defense import attach_bounds, bound_keys, load_state_with_bounds, optimise_bounds
 from fmfl_flwr.defense.bounds import bounds_disabled
-from fmfl_flwr.defense.objectives import confident_first
+from fmfl_flwr.defense.objectives import OVERRULE_RANKS, most_suspect, suspicion
 from fmfl_flwr.defense.steps import round_subset
 from fmfl_flwr.fusion import Fusion
 from fmfl_flwr.metrics import acc_and_asr
@@ -49,19 +49,29 @@ VARIANTS = {
     "agree": {"objective": "agree", "overrule_cap": 1.0},
     "switch-cap0.2": {"overrule_cap": 0.2, "unsure_weight": 1.0},
     "switch-cap0.2-unsure-dropped": {"overrule_cap": 0.2, "unsure_weight": 0.0},
+    "switch-cap0.2-confidence-drop": {"overrule_cap": 0.2, "overrule_rank": "confidence-drop"},
+    "switch-cap0.2-warm5": {"overrule_cap": 0.2, "warm_epochs": 5},
+    "switch-cap0.2-confidence-drop-warm5": {"overrule_cap": 0.2,
+                                            "overrule_rank": "confidence-drop", "warm_epochs": 5},
 }
 
 
-def poison_census(fused_logits, ensemble_logits, poisoned, cap) -> dict[str, float]:
-    """Share of D_syn in disagreement, and how the poisoned samples sit in it and the cap."""
+def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, cap
+                  ) -> dict[str, float]:
+    """Share of D_syn in disagreement, and how the poisoned samples sit in it and in the
+    cap under each overrule rank (`bounded_logits`: the fused model through last round's
+    bounds, the warm start)."""
     disagree = fused_logits.argmax(1) != ensemble_logits.argmax(1)
-    chosen = torch.zeros_like(disagree)
-    chosen[confident_first(torch.nonzero(disagree).flatten(), fused_logits, cap)] = True
-    return {"disagree-share": disagree.float().mean().item(),
-            "poisoned-among-disagree": poisoned[disagree].float().mean().item(),
-            "poisoned-caught-by-disagree": disagree[poisoned].float().mean().item(),
-            "poisoned-among-capped": poisoned[chosen].float().mean().item(),
-            "poisoned-caught-by-cap": chosen[poisoned].float().mean().item()}
+    candidates = torch.nonzero(disagree).flatten()
+    census = {"disagree-share": disagree.float().mean().item(),
+              "poisoned-among-disagree": poisoned[disagree].float().mean().item(),
+              "poisoned-caught-by-disagree": disagree[poisoned].float().mean().item()}
+    for rank in OVERRULE_RANKS:
+        chosen = torch.zeros_like(disagree)
+        chosen[most_suspect(candidates, suspicion(rank, fused_logits, bounded_logits), cap)] = True
+        census[f"poisoned-among-cap[{rank}]"] = poisoned[chosen].float().mean().item()
+        census[f"poisoned-caught-by-cap[{rank}]"] = chosen[poisoned].float().mean().item()
+    return census
 
 
 def main() -> None:
@@ -70,6 +80,8 @@ def main() -> None:
                         help="run-config overrides key=value, values in TOML as in flwr run")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="which fits to run after each fusion (none: the census only)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     overrides = parse_overrides(" ".join(args.set))
@@ -109,16 +121,17 @@ def main() -> None:
         fused = fusion(server_round, fedavg(states, weights), states, weights)
         ensemble = fusion.last_ensemble_logits
         fused_model = load_state_with_bounds(model_fn(), fused)
+        bounded_logits = predict_logits(fused_model, syn[0])  # through last round's bounds
         with bounds_disabled(fused_model):
             fused_logits = predict_logits(fused_model, syn[0])
             rows.append({"round": server_round, "variant": "fused, unbounded",
                          **validation(fused_model),
-                         **poison_census(fused_logits, ensemble, poisoned,
+                         **poison_census(fused_logits, bounded_logits, ensemble, poisoned,
                                          shipped.overrule_cap)})
         print(rows[-1], flush=True)
         subset = round_subset(len(syn[0]), shipped, server_round)  # the run's own subset
-        for name, change in VARIANTS.items():
-            settings = replace(shipped, **change)
+        for name in args.variants:
+            settings = replace(shipped, **VARIANTS[name])
             bounded = attach_bounds(load_state_with_bounds(model_fn(), fused))
             started = time.perf_counter()
             _, stats = optimise_bounds(bounded, syn[0][subset], syn[1][subset],

@@ -49,10 +49,12 @@ def bound_settings(config: ExperimentConfig) -> BoundSettings:
     """The activation-bounds knobs of a run config."""
     return replace(BoundSettings(), objective=config.bounds_objective,
                    granularity=config.bounds_granularity, epochs=config.bounds_epochs,
+                   warm_epochs=config.bounds_warm_epochs,
                    max_samples=config.bounds_samples, lr=config.bounds_lr, c0=config.bounds_c0,
                    init_quantile=config.bounds_init_quantile,
                    target_agreement=config.bounds_target_agreement,
                    trim=config.bounds_trim,
                    class_gate=config.bounds_class_gate,
                    overrule_cap=config.bounds_overrule_cap,
+                   overrule_rank=config.bounds_overrule_rank,
                    unsure_weight=config.bounds_unsure_weight, seed=config.seed)

@@ -73,6 +73,8 @@ class ExperimentConfig:
     bounds_granularity: str = field(default="channel",
                                     metadata=_choices("channel", "neuron", "layer"))
     bounds_epochs: int = field(default=10, metadata={"min": 1})  # the cost cap (<= 10% of a round)
+    # the cap when the fit starts from last round's bounds (every round after the first fit)
+    bounds_warm_epochs: int = field(default=5, metadata={"min": 1})
     bounds_samples: int = field(default=1000, metadata={"min": 1})
     bounds_lr: float = field(default=0.1, metadata={"min_exclusive": 0.0})
     bounds_c0: float = field(default=0.5, metadata={"min": 0.0})
@@ -86,6 +88,10 @@ class ExperimentConfig:
     bounds_class_gate: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     # later rounds: the ensemble overrules the fused model on at most this share of D_syn
     bounds_overrule_cap: float = field(default=0.2, metadata={"min_exclusive": 0.0, "max": 1.0})
+    # which disagreements the cap keeps: the fused model's confidence (+ its drop under
+    # last round's bounds)
+    bounds_overrule_rank: str = field(default="confidence-drop",
+                                      metadata=_choices("confidence", "confidence-drop"))
     # the fidelity weight of the disagreements it does not overrule (fused targets)
     bounds_unsure_weight: float = field(default=1.0, metadata={"min": 0.0})
     client_bounds: bool = True

@@ -209,10 +209,10 @@ def test_kept_bounds_are_verified_newest_first(trained) -> None:
 
 
 def test_bounds_step_warm_starts_across_rounds(trained) -> None:
+    """Round 2 starts from round 1's bounds, and its fit runs at most `warm_epochs`."""
     model, images, labels = trained
-    step = make_defense(
-        "activation-bounds", tiny, images, labels, BoundSettings(epochs=2, max_samples=300)
-    )
+    settings = BoundSettings(epochs=3, warm_epochs=1, patience=99, max_samples=300)
+    step = make_defense("activation-bounds", tiny, images, labels, settings)
     assert isinstance(step, BoundsStep)
     state = model.state_dict()
     new = step(1, state, [state, state], [1.0, 1.0])
@@ -220,6 +220,7 @@ def test_bounds_step_warm_starts_across_rounds(trained) -> None:
     assert all(torch.equal(new[k], state[k]) for k in state)
     step(2, new, [new], [1.0])
     assert [h["warm-start"] for h in step.history] == [0.0, 1.0]
+    assert [h["epochs"] for h in step.history] == [3.0, 1.0]
 
 
 def test_pruning_masks_dormant_channels(trained) -> None:
@@ -372,6 +373,24 @@ def test_overrule_cap_keeps_the_disagreements_the_fused_model_is_surest_of() -> 
     assert agreeing.weights.tolist() == [1.0, 1.0, 0.0, 0.5, 0.0, 0.5]
     with pytest.raises(ValueError, match="overrule-cap"):
         BoundSettings(overrule_cap=0.0)
+
+
+def test_confidence_drop_overrules_first_what_last_rounds_bounds_take_away() -> None:
+    """Ranked by confidence plus its drop through the bounds, a disagreement the bounds
+    flip (sample 3, a trigger's signature) beats one the fused model is surer of (2)."""
+    fused = torch.tensor([[5.0, 0, 0], [0, 5, 0], [3, 0, 0], [1, 0.5, 0], [9, 0, 0],
+                          [0, 1, 0.8]])
+    ensemble = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 2, 1, 2]), 3).float()
+    bounded = fused.clone()
+    bounded[3] = torch.tensor([-5.0, 5, 0])
+    ranked = fidelity_reference("ensemble-switch", fused, ensemble, 3.0, overrule_cap=2 / 6,
+                                overrule_rank="confidence-drop", bounded_logits=bounded)
+    assert ranked.overruled.tolist() == [False, False, False, True, True, False]
+    with pytest.raises(ValueError, match="needs the bounded logits"):
+        fidelity_reference("ensemble-switch", fused, ensemble, overrule_cap=2 / 6,
+                           overrule_rank="confidence-drop")
+    with pytest.raises(ValueError, match="overrule-rank='margin'.*confidence-drop"):
+        BoundSettings(overrule_rank="margin")
 
 
 def test_gate_trims_only_worst_fitted_of_one_class() -> None:

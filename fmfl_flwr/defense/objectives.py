@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 OBJECTIVES = ("mm-bm", "agree", "ensemble-switch", "mmac")
+OVERRULE_RANKS = ("confidence", "confidence-drop")
 NORMS = ("l2", "rms")
 
 
@@ -63,11 +64,14 @@ def fidelity_reference(
     class_gate: float = 0.0,
     overrule_cap: float = 1.0,
     unsure_weight: float = 1.0,
+    overrule_rank: str = "confidence",
+    bounded_logits: torch.Tensor | None = None,
 ) -> Reference:
     """Targets and weights of `objective`; without an ensemble every objective is MM-BM's.
 
     The ensemble overrules the fused model on at most `overrule_cap` of the samples: the
-    disagreements where the fused model is most confident (`confident_first`). With
+    disagreements most suspect by `overrule_rank` (`suspicion`; "confidence-drop" needs
+    `bounded_logits`, the fused model's through last round's bounds). With
     `class_gate`, only on the disagreements of one dominant fused class (`one_class_share`):
     a backdoor sends its samples there. The other disagreements, mostly a weaker non-IID
     ensemble's errors but also any poisoned sample the cap missed, keep the fused model's
@@ -86,7 +90,8 @@ def fidelity_reference(
     disagree = torch.nonzero(~agree).flatten()
     candidates = one_class_share(disagree, fused_classes, class_gate)
     overruled = ~everyone
-    overruled[confident_first(candidates, fused_logits, overrule_cap)] = True
+    scores = suspicion(overrule_rank, fused_logits, bounded_logits)
+    overruled[most_suspect(candidates, scores, overrule_cap)] = True
     # the other disagreements: the fused model's own outputs, outside the agreement count
     unsure = torch.where(agree, 1.0, float(unsure_weight))
     if objective == "agree":
@@ -96,19 +101,38 @@ def fidelity_reference(
     return Reference(targets, weights, agree, overruled)
 
 
-def confident_first(candidates: torch.Tensor, fused_logits: torch.Tensor, cap: float
-                    ) -> torch.Tensor:
-    """The `candidates` (indices), at most `cap` of all samples, most confident fused first.
+def suspicion(rank: str, fused_logits: torch.Tensor, bounded_logits: torch.Tensor | None
+              ) -> torch.Tensor:
+    """Per sample, how likely a disagreement is poisoned rather than a non-IID error.
 
-    A trigger makes the backdoored fused model confident in its target class, while the
-    samples a non-IID ensemble gets wrong are mostly ones the fused model is less sure of;
-    the cap is the share of D_syn the defender allows to be poisoned.
+    "confidence": the fused model's confidence in its class (a trigger makes the backdoored
+    fused model sure of its target; a weak ensemble's errors fall mostly where it is less
+    sure). "confidence-drop": that confidence plus how much of it last round's bounds take
+    away (a trigger's abnormal activations are clipped, a clean image's hardly are); it
+    caught more of the poisoned samples (docs/defense.md, "The overrule rank").
     """
-    limit = int(cap * len(fused_logits))
+    if rank not in OVERRULE_RANKS:
+        raise ValueError(
+            f"bounds overrule-rank={rank!r} is not known; accepted: {', '.join(OVERRULE_RANKS)}"
+        )
+    own = fused_logits.argmax(1, keepdim=True)
+    confidence = fused_logits.softmax(1).gather(1, own).squeeze(1)
+    if rank == "confidence":
+        return confidence
+    if bounded_logits is None:
+        raise ValueError("bounds overrule-rank='confidence-drop' needs the bounded logits")
+    return 2 * confidence - bounded_logits.softmax(1).gather(1, own).squeeze(1)
+
+
+def most_suspect(candidates: torch.Tensor, scores: torch.Tensor, cap: float) -> torch.Tensor:
+    """The `candidates` (indices), at most `cap` of all samples, highest `scores` first.
+
+    The cap is the share of D_syn the defender allows to be poisoned.
+    """
+    limit = int(cap * len(scores))
     if len(candidates) <= limit:
         return candidates
-    confidence = fused_logits[candidates].softmax(1).amax(1)
-    return candidates[confidence.topk(limit).indices]
+    return candidates[scores[candidates].topk(limit).indices]
 
 
 def fidelity_loss(

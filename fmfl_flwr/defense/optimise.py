@@ -31,6 +31,7 @@ from fmfl_flwr.defense.bounds import (
     set_bounds,
 )
 from fmfl_flwr.defense.objectives import (
+    OVERRULE_RANKS,
     Reference,
     class_margin,
     fidelity_loss,
@@ -61,6 +62,9 @@ class BoundSettings:
     lr: float = 0.1
     batch_size: int = 200
     epochs: int = 10  # warm starts carry the fit across rounds; 20 cost up to 25% of a round
+    # at most this many of `epochs` when last round's bounds start the fit: 5 halved the
+    # fit's time at the same ACC / ASR (bench/overrule_choice.py, docs/defense.md)
+    warm_epochs: int = 5
     max_samples: int = 1000  # random subset of the reference data per call (cost)
     c0: float = 0.5
     c_up: float = 1.2
@@ -80,6 +84,8 @@ class BoundSettings:
     # later rounds: the ensemble overrules the fused model on at most this share of the
     # reference, the disagreements the fused model is surest of; 1 overrules them all
     overrule_cap: float = 0.2
+    # which disagreements the cap keeps (`objectives.suspicion`)
+    overrule_rank: str = "confidence-drop"
     # fidelity weight of the disagreements neither overruled nor trusted (fused targets)
     unsure_weight: float = 1.0
     margin_per_class: int = 30  # mmac probes
@@ -101,6 +107,11 @@ class BoundSettings:
             raise ValueError(f"bounds overrule-cap={self.overrule_cap!r} must be in (0, 1]")
         if not 0.0 <= self.class_gate <= 1.0:
             raise ValueError(f"bounds class-gate={self.class_gate!r} must be in [0, 1]")
+        if self.overrule_rank not in OVERRULE_RANKS:
+            raise ValueError(
+                f"bounds overrule-rank={self.overrule_rank!r} is not known; "
+                f"accepted: {', '.join(OVERRULE_RANKS)}"
+            )
         if self.init not in ("quantile", "constant"):
             raise ValueError(
                 f"bounds init={self.init!r} is not known; accepted: quantile, constant"
@@ -305,22 +316,25 @@ def optimise_bounds(
                 settings.margin_steps,
                 settings.seed,
             )
-    reference = fidelity_reference(
-        settings.objective, fused_logits, ensemble_logits, settings.disagree_weight,
-        settings.class_gate, settings.overrule_cap, settings.unsure_weight,
-    )
-    trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     initial, init_kind = _initial_bounds(model, images, settings, warm_start)
     z = {k: v.clone().requires_grad_() for k, v in initial.items()}
     for key, value in z.items():
         layers[key.rsplit(".", 1)[0]].act_bound = value
+    # through the starting bounds: the overrule rank's evidence and the starting agreement
+    bounded_logits = predict_logits(model, images, device=torch.device("cpu"))
+    reference = fidelity_reference(
+        settings.objective, fused_logits, ensemble_logits, settings.disagree_weight,
+        settings.class_gate, settings.overrule_cap, settings.unsure_weight,
+        settings.overrule_rank, bounded_logits,
+    )
+    trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     optimiser = torch.optim.Adam(list(z.values()), lr=settings.lr)
     c = settings.c0 if c is None else c
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in z.items()}
 
-    measured = _agreement(model, images, reference, trim, settings.class_gate)
+    measured = _agreement_of(bounded_logits.argmax(1), reference, trim, settings.class_gate)
     kept = measured[0]
     # bounds remembered as good, newest last, each with its measured agreement (None: read
     # from the batches of the epoch that ended with them, to be verified before returning)
@@ -330,7 +344,8 @@ def optimise_bounds(
     best = (kept, snapshot())
     previous_norm = norm_penalty(list(z.values()), settings.norm).item()
     quiet, epochs_run = 0, 0
-    for _ in range(settings.epochs):
+    warm = init_kind == "warm"
+    for _ in range(min(settings.epochs, settings.warm_epochs) if warm else settings.epochs):
         epochs_run += 1
         order = torch.randperm(len(images), generator=generator)
         predicted = torch.empty(len(images), dtype=torch.long)
@@ -395,7 +410,7 @@ def optimise_bounds(
         "trimmed-share": trim,
         "excused-share": excused,
         "samples": float(len(images)),
-        "warm-start": float(init_kind == "warm"),
+        "warm-start": float(warm),
         "verify-passes": float(checks),
         "bound-norm": norm_penalty(list(final.values()), settings.norm).item(),
     }
