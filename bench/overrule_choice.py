@@ -8,10 +8,14 @@ fusion fits the bounds with every `--variants` setting from the same fused model
 start and ensemble; the loop itself goes on with the run config's settings. Each fit is
 measured on the real public split (no client trains on it; the test set is not used), and
 on D_syn it reports how many poisoned samples the disagreements and the capped overrule
-hold (the poisoned ones are those that differ from the clean D_syn of the same seed).
+hold under each overrule rank (the poisoned ones are those that differ from the clean
+D_syn of the same seed).
 
     python bench/overrule_choice.py --set partition="'dirichlet'" seed=1 \
         --out bench/results/overrule_choice_dirichlet_seed1.json
+    python bench/overrule_choice.py --set partition="'dirichlet'" seed=0 --variants \
+        switch-cap0.2 switch-cap0.2-confidence-drop switch-cap0.2-warm5 \
+        switch-cap0.2-confidence-drop-warm5 --out bench/results/overrule_rank_dirichlet_seed0.json
 """
 
 from __future__ import annotations

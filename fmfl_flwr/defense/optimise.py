@@ -82,7 +82,7 @@ class BoundSettings:
     # Off: it saved clean ACC but let the FM attack through under Dirichlet 0.1 (37% ASR)
     class_gate: float = 0.0
     # later rounds: the ensemble overrules the fused model on at most this share of the
-    # reference, the disagreements the fused model is surest of; 1 overrules them all
+    # reference, the most suspect disagreements (`overrule_rank`); 1 overrules them all
     overrule_cap: float = 0.2
     # which disagreements the cap keeps (`objectives.suspicion`)
     overrule_rank: str = "confidence-drop"
