@@ -12,8 +12,10 @@ hold under each overrule rank (the poisoned ones are those that differ from the 
 D_syn of the same seed).
 
     python bench/overrule_choice.py --set partition="'dirichlet'" seed=1 \
+        bounds-overrule-rank="'confidence'" bounds-warm-epochs=10 \
         --out bench/results/overrule_choice_dirichlet_seed1.json
-    python bench/overrule_choice.py --set partition="'dirichlet'" seed=0 --variants \
+    python bench/overrule_choice.py --set partition="'dirichlet'" seed=0 \
+        bounds-overrule-rank="'confidence'" bounds-warm-epochs=10 --variants \
         switch-cap0.2 switch-cap0.2-confidence-drop switch-cap0.2-warm5 \
         switch-cap0.2-confidence-drop-warm5 --out bench/results/overrule_rank_dirichlet_seed0.json
 """
@@ -47,14 +49,17 @@ from fmfl_flwr.partition import client_indices, public_split
 from fmfl_flwr.training import predict_logits
 from server_app import defense_step, pretrain_and_defend, seed_everything, synthetic_data
 
+# stop 16's fit: the fused confidence ranks the capped disagreements, 10 epochs every round
+STOP16 = {"overrule_rank": "confidence", "warm_epochs": 10}
 VARIANTS = {
-    "switch-all": {"overrule_cap": 1.0},
-    "switch-all-weight1": {"overrule_cap": 1.0, "disagree_weight": 1.0},
-    "agree": {"objective": "agree", "overrule_cap": 1.0},
-    "switch-cap0.2": {"overrule_cap": 0.2, "unsure_weight": 1.0},
-    "switch-cap0.2-unsure-dropped": {"overrule_cap": 0.2, "unsure_weight": 0.0},
-    "switch-cap0.2-confidence-drop": {"overrule_cap": 0.2, "overrule_rank": "confidence-drop"},
-    "switch-cap0.2-warm5": {"overrule_cap": 0.2, "warm_epochs": 5},
+    "switch-all": {**STOP16, "overrule_cap": 1.0},
+    "switch-all-weight1": {**STOP16, "overrule_cap": 1.0, "disagree_weight": 1.0},
+    "agree": {**STOP16, "objective": "agree", "overrule_cap": 1.0},
+    "switch-cap0.2": {**STOP16, "overrule_cap": 0.2, "unsure_weight": 1.0},
+    "switch-cap0.2-unsure-dropped": {**STOP16, "overrule_cap": 0.2, "unsure_weight": 0.0},
+    "switch-cap0.2-confidence-drop": {**STOP16, "overrule_cap": 0.2,
+                                      "overrule_rank": "confidence-drop"},
+    "switch-cap0.2-warm5": {**STOP16, "overrule_cap": 0.2, "warm_epochs": 5},
     "switch-cap0.2-confidence-drop-warm5": {"overrule_cap": 0.2,
                                             "overrule_rank": "confidence-drop", "warm_epochs": 5},
 }
