@@ -50,7 +50,7 @@ from fmfl_flwr.training import predict_logits
 from server_app import defense_step, pretrain_and_defend, seed_everything, synthetic_data
 
 # stop 16's fit: the fused confidence ranks the capped disagreements, 10 epochs every round
-STOP16 = {"overrule_rank": "confidence", "warm_epochs": 10}
+STOP16 = {"overrule_rank": "confidence", "warm_epochs": 10, "excuse_flips": 0.0}
 VARIANTS = {
     "switch-all": {**STOP16, "overrule_cap": 1.0},
     "switch-all-weight1": {**STOP16, "overrule_cap": 1.0, "disagree_weight": 1.0},
@@ -60,8 +60,11 @@ VARIANTS = {
     "switch-cap0.2-confidence-drop": {**STOP16, "overrule_cap": 0.2,
                                       "overrule_rank": "confidence-drop"},
     "switch-cap0.2-warm5": {**STOP16, "overrule_cap": 0.2, "warm_epochs": 5},
-    "switch-cap0.2-confidence-drop-warm5": {"overrule_cap": 0.2,
+    "switch-cap0.2-confidence-drop-warm5": {"overrule_cap": 0.2, "excuse_flips": 0.0,
                                             "overrule_rank": "confidence-drop", "warm_epochs": 5},
+    "switch-cap0.2-confidence-drop-warm5-excuse-flips0.5": {
+        "overrule_cap": 0.2, "overrule_rank": "confidence-drop", "warm_epochs": 5,
+        "excuse_flips": 0.5},
 }
 
 
@@ -75,6 +78,14 @@ def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, cap
     census = {"disagree-share": disagree.float().mean().item(),
               "poisoned-among-disagree": poisoned[disagree].float().mean().item(),
               "poisoned-caught-by-disagree": disagree[poisoned].float().mean().item()}
+    flipped = ~disagree & (bounded_logits.argmax(1) != fused_logits.argmax(1))
+    flipped_classes = fused_logits.argmax(1)[flipped]
+    top_share = (flipped_classes == flipped_classes.mode().values).float().mean().item() \
+        if flipped.any() else float("nan")
+    census.update({"flipped-agreement-share": flipped.float().mean().item(),
+                   "flipped-top-class-share": top_share,
+                   "poisoned-among-flipped-agreement": poisoned[flipped].float().mean().item(),
+                   "poisoned-caught-by-flipped-agreement": flipped[poisoned].float().mean().item()})
     for rank in OVERRULE_RANKS:
         chosen = torch.zeros_like(disagree)
         chosen[most_suspect(candidates, suspicion(rank, fused_logits, bounded_logits), cap)] = True

@@ -92,6 +92,9 @@ class ExperimentConfig:
     # last round's bounds)
     bounds_overrule_rank: str = field(default="confidence-drop",
                                       metadata=_choices("confidence", "confidence-drop"))
+    # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
+    # them sit in one fused class (poison the client ensemble shares)
+    bounds_excuse_flips: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     # the fidelity weight of the disagreements it does not overrule (fused targets)
     bounds_unsure_weight: float = field(default=1.0, metadata={"min": 0.0})
     client_bounds: bool = True

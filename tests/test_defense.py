@@ -393,6 +393,31 @@ def test_confidence_drop_overrules_first_what_last_rounds_bounds_take_away() -> 
         BoundSettings(overrule_rank="margin")
 
 
+def test_excused_flips_leave_the_fit_only_when_one_class_holds_them() -> None:
+    """Agreements last round's bounds flip (0, 1 in class 0; 4 in class 1) leave the fit
+    and `keep` when one class holds >= the gate of them, and only that class's; flips
+    spread over the classes (a clean D_syn's) stay; the disagreements are untouched."""
+    fused = torch.tensor([[5.0, 0, 0], [4, 0, 0], [3, 0, 0], [1, 0.5, 0], [0, 5, 0],
+                          [0, 4, 0]])
+    ensemble = torch.nn.functional.one_hot(torch.tensor([0, 0, 1, 2, 1, 1]), 3).float()
+    bounded = fused.clone()
+    bounded[[0, 1, 4]] = torch.tensor([0.0, 0, 5])
+    plain = fidelity_reference("ensemble-switch", fused, ensemble, 3.0, bounded_logits=bounded)
+    excused = fidelity_reference("ensemble-switch", fused, ensemble, 3.0,
+                                 bounded_logits=bounded, excuse_flips=0.6)
+    assert plain.weights.tolist() == [1.0, 1.0, 3.0, 3.0, 1.0, 1.0]
+    assert excused.weights.tolist() == [0.0, 0.0, 3.0, 3.0, 1.0, 1.0]
+    assert excused.keep.tolist() == [False, False, False, False, True, True]
+    assert torch.equal(excused.overruled, plain.overruled)
+    spread = fidelity_reference("ensemble-switch", fused, ensemble, 3.0,
+                                bounded_logits=bounded, excuse_flips=0.7)
+    assert torch.equal(spread.weights, plain.weights) and torch.equal(spread.keep, plain.keep)
+    with pytest.raises(ValueError, match="excuse-flips needs the bounded logits"):
+        fidelity_reference("ensemble-switch", fused, ensemble, excuse_flips=0.5)
+    with pytest.raises(ValueError, match="excuse-flips=1.5"):
+        BoundSettings(excuse_flips=1.5)
+
+
 def test_gate_trims_only_worst_fitted_of_one_class() -> None:
     classes = torch.tensor([0, 1, 1, 2, 1, 0])
     candidates = torch.tensor([1, 2, 3, 4])  # classes 1, 1, 2, 1: class 1 holds 3 of 4

@@ -66,6 +66,7 @@ def fidelity_reference(
     unsure_weight: float = 1.0,
     overrule_rank: str = "confidence",
     bounded_logits: torch.Tensor | None = None,
+    excuse_flips: float = 0.0,
 ) -> Reference:
     """Targets and weights of `objective`; without an ensemble every objective is MM-BM's.
 
@@ -76,7 +77,12 @@ def fidelity_reference(
     a backdoor sends its samples there. The other disagreements, mostly a weaker non-IID
     ensemble's errors but also any poisoned sample the cap missed, keep the fused model's
     own outputs as targets with weight `unsure_weight` (0 drops them); they are not
-    counted in `keep`.
+    counted in `keep`. With `excuse_flips` > 0, the agreements that last round's bounds
+    flip (`bounded_logits`) are dropped too when at least that share of them sit in one
+    fused class, and only that class's (`one_class_share`): poison the ensemble shares,
+    sent to one target, whose trigger those bounds already cut and which the fused targets
+    would otherwise reopen. A clean D_syn's flips, the bounds' own errors, spread over the
+    classes and stay, so the errors cannot pile up round after round.
     """
     if objective not in OBJECTIVES:
         raise ValueError(
@@ -94,6 +100,13 @@ def fidelity_reference(
     overruled[most_suspect(candidates, scores, overrule_cap)] = True
     # the other disagreements: the fused model's own outputs, outside the agreement count
     unsure = torch.where(agree, 1.0, float(unsure_weight))
+    if excuse_flips > 0:
+        if bounded_logits is None:
+            raise ValueError("bounds excuse-flips needs the bounded logits")
+        flipped = torch.nonzero(agree & (bounded_logits.argmax(1) != fused_classes)).flatten()
+        excused = one_class_share(flipped, fused_classes, excuse_flips)
+        agree, unsure = agree.clone(), unsure.clone()
+        agree[excused], unsure[excused] = False, 0.0
     if objective == "agree":
         return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled)
     targets = torch.where(overruled[:, None], ensemble_logits, fused_logits)

@@ -86,6 +86,9 @@ class BoundSettings:
     overrule_cap: float = 0.2
     # which disagreements the cap keeps (`objectives.suspicion`)
     overrule_rank: str = "confidence-drop"
+    # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
+    # them sit in one fused class (poison the ensemble shares; `fidelity_reference`)
+    excuse_flips: float = 0.0
     # fidelity weight of the disagreements neither overruled nor trusted (fused targets)
     unsure_weight: float = 1.0
     margin_per_class: int = 30  # mmac probes
@@ -105,6 +108,8 @@ class BoundSettings:
             raise ValueError(f"bounds unsure-weight={self.unsure_weight!r} must be >= 0")
         if not 0.0 < self.overrule_cap <= 1.0:
             raise ValueError(f"bounds overrule-cap={self.overrule_cap!r} must be in (0, 1]")
+        if not 0.0 <= self.excuse_flips <= 1.0:
+            raise ValueError(f"bounds excuse-flips={self.excuse_flips!r} must be in [0, 1]")
         if not 0.0 <= self.class_gate <= 1.0:
             raise ValueError(f"bounds class-gate={self.class_gate!r} must be in [0, 1]")
         if self.overrule_rank not in OVERRULE_RANKS:
@@ -325,7 +330,7 @@ def optimise_bounds(
     reference = fidelity_reference(
         settings.objective, fused_logits, ensemble_logits, settings.disagree_weight,
         settings.class_gate, settings.overrule_cap, settings.unsure_weight,
-        settings.overrule_rank, bounded_logits,
+        settings.overrule_rank, bounded_logits, settings.excuse_flips,
     )
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     optimiser = torch.optim.Adam(list(z.values()), lr=settings.lr)
