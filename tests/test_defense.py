@@ -408,10 +408,12 @@ def test_excused_flips_leave_the_fit_only_when_one_class_holds_them() -> None:
     assert plain.weights.tolist() == [1.0, 1.0, 3.0, 3.0, 1.0, 1.0]
     assert excused.weights.tolist() == [0.0, 0.0, 3.0, 3.0, 1.0, 1.0]
     assert excused.keep.tolist() == [False, False, False, False, True, True]
+    assert excused.flips_excused == 2 and plain.flips_excused == 0
     assert torch.equal(excused.overruled, plain.overruled)
     spread = fidelity_reference("ensemble-switch", fused, ensemble, 3.0,
                                 bounded_logits=bounded, excuse_flips=0.7)
     assert torch.equal(spread.weights, plain.weights) and torch.equal(spread.keep, plain.keep)
+    assert spread.flips_excused == 0
     with pytest.raises(ValueError, match="excuse-flips needs the bounded logits"):
         fidelity_reference("ensemble-switch", fused, ensemble, excuse_flips=0.5)
     with pytest.raises(ValueError, match="excuse-flips=1.5"):

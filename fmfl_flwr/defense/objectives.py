@@ -33,13 +33,15 @@ class Reference:
 
     `weights` scales each sample's fidelity term (0 excludes it); `keep` marks the samples
     whose target is the fused model's own output and that both models agree on, on which
-    agreement measures collapse; `overruled` marks those whose target is the ensemble's.
+    agreement measures collapse; `overruled` marks those whose target is the ensemble's;
+    `flips_excused` counts the agreements dropped because last round's bounds flip them.
     """
 
     target_logits: torch.Tensor
     weights: torch.Tensor
     keep: torch.Tensor
     overruled: torch.Tensor
+    flips_excused: int = 0
 
 
 def one_class_share(candidates: torch.Tensor, classes: torch.Tensor, gate: float) -> torch.Tensor:
@@ -100,6 +102,7 @@ def fidelity_reference(
     overruled[most_suspect(candidates, scores, overrule_cap)] = True
     # the other disagreements: the fused model's own outputs, outside the agreement count
     unsure = torch.where(agree, 1.0, float(unsure_weight))
+    excused = torch.zeros(0, dtype=torch.long)
     if excuse_flips > 0:
         if bounded_logits is None:
             raise ValueError("bounds excuse-flips needs the bounded logits")
@@ -108,10 +111,11 @@ def fidelity_reference(
         agree, unsure = agree.clone(), unsure.clone()
         agree[excused], unsure[excused] = False, 0.0
     if objective == "agree":
-        return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled)
+        return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled,
+                         len(excused))
     targets = torch.where(overruled[:, None], ensemble_logits, fused_logits)
     weights = torch.where(overruled, float(disagree_weight), unsure)
-    return Reference(targets, weights, agree, overruled)
+    return Reference(targets, weights, agree, overruled, len(excused))
 
 
 def suspicion(rank: str, fused_logits: torch.Tensor, bounded_logits: torch.Tensor | None

@@ -412,6 +412,7 @@ def optimise_bounds(
         "agreement": kept,
         "overruled-agreement": fixed,
         "overruled-share": float(reference.overruled.float().mean()),
+        "flips-excused-share": reference.flips_excused / len(images),
         "trimmed-share": trim,
         "excused-share": excused,
         "samples": float(len(images)),
