@@ -126,7 +126,8 @@ def suspicion(rank: str, fused_logits: torch.Tensor, bounded_logits: torch.Tenso
     fused model sure of its target; a weak ensemble's errors fall mostly where it is less
     sure). "confidence-drop": that confidence plus how much of it last round's bounds take
     away (a trigger's abnormal activations are clipped, a clean image's hardly are); it
-    caught more of the poisoned samples (docs/defense.md, "The overrule rank").
+    caught more of the poisoned samples (docs/defense.md, "The overrule rank and the
+    warm-fit epochs").
     """
     if rank not in OVERRULE_RANKS:
         raise ValueError(
