@@ -40,7 +40,12 @@ from fmfl_flwr.client_update import ClientRole, client_update
 from fmfl_flwr.data import load_dataset, to_float
 from fmfl_flwr.defense import attach_bounds, bound_keys, load_state_with_bounds, optimise_bounds
 from fmfl_flwr.defense.bounds import bounds_disabled
-from fmfl_flwr.defense.objectives import OVERRULE_RANKS, most_suspect, suspicion
+from fmfl_flwr.defense.objectives import (
+    OVERRULE_RANKS,
+    flipped_agreements,
+    most_suspect,
+    suspicion,
+)
 from fmfl_flwr.defense.steps import round_subset
 from fmfl_flwr.fusion import Fusion
 from fmfl_flwr.metrics import acc_and_asr
@@ -78,7 +83,7 @@ def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, cap
     census = {"disagree-share": disagree.float().mean().item(),
               "poisoned-among-disagree": poisoned[disagree].float().mean().item(),
               "poisoned-caught-by-disagree": disagree[poisoned].float().mean().item()}
-    flipped = ~disagree & (bounded_logits.argmax(1) != fused_logits.argmax(1))
+    flipped = flipped_agreements(~disagree, fused_logits, bounded_logits)
     flipped_classes = fused_logits.argmax(1)[flipped]
     top_share = (flipped_classes == flipped_classes.mode().values).float().mean().item() \
         if flipped.any() else float("nan")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fmfl_flwr.data import DATASETS
+from fmfl_flwr.defense.objectives import OVERRULE_RANKS
 from fmfl_flwr.models import MODELS
 from fmfl_flwr.partition import PARTITIONS
 
@@ -91,7 +92,7 @@ class ExperimentConfig:
     # which disagreements the cap keeps: the fused model's confidence (+ its drop under
     # last round's bounds)
     bounds_overrule_rank: str = field(default="confidence-drop",
-                                      metadata=_choices("confidence", "confidence-drop"))
+                                      metadata=_choices(*OVERRULE_RANKS))
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the client ensemble shares)
     bounds_excuse_flips: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})

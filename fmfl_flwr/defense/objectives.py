@@ -106,7 +106,7 @@ def fidelity_reference(
     if excuse_flips > 0:
         if bounded_logits is None:
             raise ValueError("bounds excuse-flips needs the bounded logits")
-        flipped = torch.nonzero(agree & (bounded_logits.argmax(1) != fused_classes)).flatten()
+        flipped = torch.nonzero(flipped_agreements(agree, fused_logits, bounded_logits)).flatten()
         excused = one_class_share(flipped, fused_classes, excuse_flips)
         agree, unsure = agree.clone(), unsure.clone()
         agree[excused], unsure[excused] = False, 0.0
@@ -116,6 +116,12 @@ def fidelity_reference(
     targets = torch.where(overruled[:, None], ensemble_logits, fused_logits)
     weights = torch.where(overruled, float(disagree_weight), unsure)
     return Reference(targets, weights, agree, overruled, len(excused))
+
+
+def flipped_agreements(agree: torch.Tensor, fused_logits: torch.Tensor,
+                       bounded_logits: torch.Tensor) -> torch.Tensor:
+    """The `agree` samples whose fused class last round's bounds (`bounded_logits`) change."""
+    return agree & (bounded_logits.argmax(1) != fused_logits.argmax(1))
 
 
 def suspicion(rank: str, fused_logits: torch.Tensor, bounded_logits: torch.Tensor | None
