@@ -108,7 +108,6 @@ def fidelity_reference(
             raise ValueError("bounds excuse-flips needs the bounded logits")
         flipped = torch.nonzero(flipped_agreements(agree, fused_logits, bounded_logits)).flatten()
         excused = one_class_share(flipped, fused_classes, excuse_flips)
-        agree, unsure = agree.clone(), unsure.clone()
         agree[excused], unsure[excused] = False, 0.0
     if objective == "agree":
         return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled,
