@@ -56,6 +56,8 @@ from server_app import defense_step, pretrain_and_defend, seed_everything, synth
 
 # stop 16's fit: the fused confidence ranks the capped disagreements, 10 epochs every round
 STOP16 = {"overrule_rank": "confidence", "warm_epochs": 10, "excuse_flips": 0.0}
+STOP17 = {"overrule_cap": 0.2, "overrule_rank": "confidence-drop", "warm_epochs": 5,
+          "excuse_flips": 0.0, "overrule_gate": 0.0}
 VARIANTS = {
     "switch-all": {**STOP16, "overrule_cap": 1.0},
     "switch-all-weight1": {**STOP16, "overrule_cap": 1.0, "disagree_weight": 1.0},
@@ -70,14 +72,18 @@ VARIANTS = {
     "switch-cap0.2-confidence-drop-warm5-excuse-flips0.5": {
         "overrule_cap": 0.2, "overrule_rank": "confidence-drop", "warm_epochs": 5,
         "excuse_flips": 0.5},
+    # stop 18: the stop-17 defaults, overruling only a cap one fused class dominates
+    **{f"stop17-gate{gate}": {**STOP17, "overrule_gate": gate} for gate in (0.0, 0.4, 0.5)},
+    "stop17-mm-bm": {**STOP17, "objective": "mm-bm"},
 }
 
 
-def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, cap
+def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, clean_labels, cap
                   ) -> dict[str, float]:
     """Share of D_syn in disagreement, and how the poisoned samples sit in it and in the
     cap under each overrule rank (`bounded_logits`: the fused model through last round's
-    bounds, the warm start)."""
+    bounds, the warm start); per rank also how much of the cap its top fused class holds
+    (what `overrule_gate` tests) and who is right there by the clean D_syn's labels."""
     disagree = fused_logits.argmax(1) != ensemble_logits.argmax(1)
     candidates = torch.nonzero(disagree).flatten()
     census = {"disagree-share": disagree.float().mean().item(),
@@ -96,6 +102,13 @@ def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, cap
         chosen[most_suspect(candidates, suspicion(rank, fused_logits, bounded_logits), cap)] = True
         census[f"poisoned-among-cap[{rank}]"] = poisoned[chosen].float().mean().item()
         census[f"poisoned-caught-by-cap[{rank}]"] = chosen[poisoned].float().mean().item()
+        classes = fused_logits.argmax(1)[chosen]
+        census[f"top-class-share-of-cap[{rank}]"] = \
+            (classes == classes.mode().values).float().mean().item()
+        census[f"fused-right-in-cap[{rank}]"] = \
+            (fused_logits.argmax(1) == clean_labels)[chosen].float().mean().item()
+        census[f"ensemble-right-in-cap[{rank}]"] = \
+            (ensemble_logits.argmax(1) == clean_labels)[chosen].float().mean().item()
     return census
 
 
@@ -152,7 +165,7 @@ def main() -> None:
             rows.append({"round": server_round, "variant": "fused, unbounded",
                          **validation(fused_model),
                          **poison_census(fused_logits, bounded_logits, ensemble, poisoned,
-                                         shipped.overrule_cap)})
+                                         clean[1], shipped.overrule_cap)})
         print(rows[-1], flush=True)
         subset = round_subset(len(syn[0]), shipped, server_round)  # the run's own subset
         for name in args.variants:

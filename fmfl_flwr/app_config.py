@@ -57,5 +57,6 @@ def bound_settings(config: ExperimentConfig) -> BoundSettings:
                    class_gate=config.bounds_class_gate,
                    overrule_cap=config.bounds_overrule_cap,
                    overrule_rank=config.bounds_overrule_rank,
+                   overrule_gate=config.bounds_overrule_gate,
                    excuse_flips=config.bounds_excuse_flips,
                    unsure_weight=config.bounds_unsure_weight, seed=config.seed)

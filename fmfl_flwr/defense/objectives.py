@@ -69,6 +69,7 @@ def fidelity_reference(
     overrule_rank: str = "confidence",
     bounded_logits: torch.Tensor | None = None,
     excuse_flips: float = 0.0,
+    overrule_gate: float = 0.0,
 ) -> Reference:
     """Targets and weights of `objective`; without an ensemble every objective is MM-BM's.
 
@@ -76,7 +77,11 @@ def fidelity_reference(
     disagreements most suspect by `overrule_rank` (`suspicion`; "confidence-drop" needs
     `bounded_logits`, the fused model's through last round's bounds). With
     `class_gate`, only on the disagreements of one dominant fused class (`one_class_share`):
-    a backdoor sends its samples there. The other disagreements, mostly a weaker non-IID
+    a backdoor sends its samples there. With `overrule_gate`, the same test on the capped
+    set itself: it is overruled only where one fused class holds at least that share of
+    it, and only that class's samples. A backdoor's poison fills the cap with its target,
+    while a clean non-IID ensemble's most suspect disagreements spread over the classes,
+    so on a clean D_syn nothing is overruled. The other disagreements, mostly a weaker non-IID
     ensemble's errors but also any poisoned sample the cap missed, keep the fused model's
     own outputs as targets with weight `unsure_weight` (0 drops them); they are not
     counted in `keep`. With `excuse_flips` > 0, the agreements that last round's bounds
@@ -99,7 +104,8 @@ def fidelity_reference(
     candidates = one_class_share(disagree, fused_classes, class_gate)
     overruled = ~everyone
     scores = suspicion(overrule_rank, fused_logits, bounded_logits)
-    overruled[most_suspect(candidates, scores, overrule_cap)] = True
+    capped = most_suspect(candidates, scores, overrule_cap)
+    overruled[one_class_share(capped, fused_classes, overrule_gate)] = True
     # the other disagreements: the fused model's own outputs, outside the agreement count
     unsure = torch.where(agree, 1.0, float(unsure_weight))
     excused = torch.zeros(0, dtype=torch.long)

@@ -86,6 +86,9 @@ class BoundSettings:
     overrule_cap: float = 0.2
     # which disagreements the cap keeps (`objectives.suspicion`)
     overrule_rank: str = "confidence-drop"
+    # > 0: overrule only if one fused class holds >= this share of the capped set, and only
+    # that class (a clean D_syn's suspects spread over the classes: `fidelity_reference`)
+    overrule_gate: float = 0.0
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the ensemble shares; `fidelity_reference`)
     excuse_flips: float = 0.0
@@ -110,6 +113,8 @@ class BoundSettings:
             raise ValueError(f"bounds overrule-cap={self.overrule_cap!r} must be in (0, 1]")
         if not 0.0 <= self.excuse_flips <= 1.0:
             raise ValueError(f"bounds excuse-flips={self.excuse_flips!r} must be in [0, 1]")
+        if not 0.0 <= self.overrule_gate <= 1.0:
+            raise ValueError(f"bounds overrule-gate={self.overrule_gate!r} must be in [0, 1]")
         if not 0.0 <= self.class_gate <= 1.0:
             raise ValueError(f"bounds class-gate={self.class_gate!r} must be in [0, 1]")
         if self.overrule_rank not in OVERRULE_RANKS:
@@ -330,7 +335,7 @@ def optimise_bounds(
     reference = fidelity_reference(
         settings.objective, fused_logits, ensemble_logits, settings.disagree_weight,
         settings.class_gate, settings.overrule_cap, settings.unsure_weight,
-        settings.overrule_rank, bounded_logits, settings.excuse_flips,
+        settings.overrule_rank, bounded_logits, settings.excuse_flips, settings.overrule_gate,
     )
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     optimiser = torch.optim.Adam(list(z.values()), lr=settings.lr)
