@@ -393,6 +393,28 @@ def test_confidence_drop_overrules_first_what_last_rounds_bounds_take_away() -> 
         BoundSettings(overrule_rank="margin")
 
 
+def test_overrule_gate_overrules_a_capped_set_only_where_one_class_fills_it() -> None:
+    """The cap keeps the 3 most confident disagreements (2, 4, 5); fused class 0 holds 2
+    of them (2, 4): a gate of 0.6 overrules just those two, 0.7 overrules none and leaves
+    them the fused targets and weights of the unsure, outside the agreement count."""
+    fused = torch.tensor([[5.0, 0, 0], [0, 5, 0], [3, 0, 0], [1, 0.5, 0], [9, 0, 0],
+                          [0, 0, 8]])
+    ensemble = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 2, 1, 1]), 3).float()
+    capped = fidelity_reference("ensemble-switch", fused, ensemble, 3.0, overrule_cap=0.5)
+    assert capped.overruled.tolist() == [False, False, True, False, True, True]
+    gated = fidelity_reference("ensemble-switch", fused, ensemble, 3.0, overrule_cap=0.5,
+                               overrule_gate=0.6)
+    assert gated.overruled.tolist() == [False, False, True, False, True, False]
+    assert torch.equal(gated.target_logits[5], fused[5]) and gated.weights[5] == 1.0
+    closed = fidelity_reference("ensemble-switch", fused, ensemble, 3.0, overrule_cap=0.5,
+                                overrule_gate=0.7)
+    assert not closed.overruled.any()
+    assert torch.equal(closed.target_logits, fused)
+    assert closed.weights.tolist() == [1.0] * 6 and torch.equal(closed.keep, capped.keep)
+    with pytest.raises(ValueError, match="overrule-gate=1.5"):
+        BoundSettings(overrule_gate=1.5)
+
+
 def test_excused_flips_leave_the_fit_only_when_one_class_holds_them() -> None:
     """Agreements last round's bounds flip (0, 1 in class 0; 4 in class 1) leave the fit
     and `keep` when one class holds >= the gate of them, and only that class's; flips

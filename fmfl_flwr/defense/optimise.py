@@ -88,7 +88,7 @@ class BoundSettings:
     overrule_rank: str = "confidence-drop"
     # > 0: overrule only if one fused class holds >= this share of the capped set, and only
     # that class (a clean D_syn's suspects spread over the classes: `fidelity_reference`)
-    overrule_gate: float = 0.0
+    overrule_gate: float = 0.5
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the ensemble shares; `fidelity_reference`)
     excuse_flips: float = 0.0
