@@ -18,6 +18,9 @@ D_syn of the same seed).
         bounds-overrule-rank="'confidence'" bounds-warm-epochs=10 --variants \
         switch-cap0.2 switch-cap0.2-confidence-drop switch-cap0.2-warm5 \
         switch-cap0.2-confidence-drop-warm5 --out bench/results/overrule_rank_dirichlet_seed0.json
+    python bench/overrule_choice.py --set partition="'dirichlet'" seed=1 fm-attack="'none'" \
+        bounds-overrule-gate=0.0 --rounds 3 --variants stop17-gate0.0 stop17-gate0.5 \
+        stop17-mm-bm --out bench/results/gate_clean_dir_s1.json
 """
 
 from __future__ import annotations

@@ -254,7 +254,7 @@ def test_bounds_step_reuses_the_fusion_ensemble(trained) -> None:
         tiny,
         images,
         labels,
-        BoundSettings(epochs=0, max_samples=300, overrule_cap=1.0),
+        BoundSettings(epochs=0, max_samples=300, overrule_cap=1.0, overrule_gate=0.0),
         ensemble_source=lambda: always_zero,
     )
     step(1, model.state_dict(), [], [])
