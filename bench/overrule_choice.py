@@ -48,6 +48,7 @@ from fmfl_flwr.defense.objectives import (
     flipped_agreements,
     most_suspect,
     suspicion,
+    top_class_share,
 )
 from fmfl_flwr.defense.steps import round_subset
 from fmfl_flwr.fusion import Fusion
@@ -75,7 +76,8 @@ VARIANTS = {
     "switch-cap0.2-confidence-drop-warm5-excuse-flips0.5": {
         "overrule_cap": 0.2, "overrule_rank": "confidence-drop", "warm_epochs": 5,
         "excuse_flips": 0.5},
-    # stop 18: the stop-17 defaults, overruling only a cap one fused class dominates
+    # stop 18: the stop-17 defaults with the overrule gate (at the time of
+    # bench/results/gate_*.json it overruled only the dominant class of the cap)
     **{f"stop17-gate{gate}": {**STOP17, "overrule_gate": gate} for gate in (0.0, 0.4, 0.5)},
     "stop17-mm-bm": {**STOP17, "objective": "mm-bm"},
 }
@@ -93,11 +95,9 @@ def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, clean
               "poisoned-among-disagree": poisoned[disagree].float().mean().item(),
               "poisoned-caught-by-disagree": disagree[poisoned].float().mean().item()}
     flipped = flipped_agreements(~disagree, fused_logits, bounded_logits)
-    flipped_classes = fused_logits.argmax(1)[flipped]
-    top_share = (flipped_classes == flipped_classes.mode().values).float().mean().item() \
-        if flipped.any() else float("nan")
     census.update({"flipped-agreement-share": flipped.float().mean().item(),
-                   "flipped-top-class-share": top_share,
+                   "flipped-top-class-share": top_class_share(torch.nonzero(flipped).flatten(),
+                                                              fused_logits.argmax(1)),
                    "poisoned-among-flipped-agreement": poisoned[flipped].float().mean().item(),
                    "poisoned-caught-by-flipped-agreement": flipped[poisoned].float().mean().item()})
     for rank in OVERRULE_RANKS:
@@ -105,9 +105,8 @@ def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, clean
         chosen[most_suspect(candidates, suspicion(rank, fused_logits, bounded_logits), cap)] = True
         census[f"poisoned-among-cap[{rank}]"] = poisoned[chosen].float().mean().item()
         census[f"poisoned-caught-by-cap[{rank}]"] = chosen[poisoned].float().mean().item()
-        classes = fused_logits.argmax(1)[chosen]
-        census[f"top-class-share-of-cap[{rank}]"] = \
-            (classes == classes.mode().values).float().mean().item()
+        census[f"top-class-share-of-cap[{rank}]"] = top_class_share(
+            torch.nonzero(chosen).flatten(), fused_logits.argmax(1))
         census[f"fused-right-in-cap[{rank}]"] = \
             (fused_logits.argmax(1) == clean_labels)[chosen].float().mean().item()
         census[f"ensemble-right-in-cap[{rank}]"] = \

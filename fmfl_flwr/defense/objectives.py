@@ -42,6 +42,16 @@ class Reference:
     keep: torch.Tensor
     overruled: torch.Tensor
     flips_excused: int = 0
+    # how much of the capped disagreements one fused class holds (what the gate tests)
+    cap_top_class_share: float = float("nan")
+
+
+def top_class_share(candidates: torch.Tensor, classes: torch.Tensor) -> float:
+    """The share of the `candidates` (indices) their most common class holds (nan if none)."""
+    if len(candidates) == 0:
+        return float("nan")
+    own = classes[candidates]
+    return (own == own.mode().values).float().mean().item()
 
 
 def one_class_share(candidates: torch.Tensor, classes: torch.Tensor, gate: float) -> torch.Tensor:
@@ -77,11 +87,11 @@ def fidelity_reference(
     disagreements most suspect by `overrule_rank` (`suspicion`; "confidence-drop" needs
     `bounded_logits`, the fused model's through last round's bounds). With
     `class_gate`, only on the disagreements of one dominant fused class (`one_class_share`):
-    a backdoor sends its samples there. With `overrule_gate`, the same test on the capped
-    set itself: it is overruled only where one fused class holds at least that share of
-    it, and only that class's samples. A backdoor's poison fills the cap with its target,
-    while a clean non-IID ensemble's most suspect disagreements spread over the classes,
-    so on a clean D_syn nothing is overruled. The other disagreements, mostly a weaker non-IID
+    a backdoor sends its samples there. With `overrule_gate`, the capped set is overruled
+    only if one fused class holds at least that share of it (`top_class_share`): a
+    backdoor's poison fills the cap with its target, while a clean non-IID ensemble's most
+    suspect disagreements spread over the classes and are mostly its own errors, so on a
+    clean D_syn nothing is overruled. The other disagreements, mostly a weaker non-IID
     ensemble's errors but also any poisoned sample the cap missed, keep the fused model's
     own outputs as targets with weight `unsure_weight` (0 drops them); they are not
     counted in `keep`. With `excuse_flips` > 0, the agreements that last round's bounds
@@ -105,7 +115,9 @@ def fidelity_reference(
     overruled = ~everyone
     scores = suspicion(overrule_rank, fused_logits, bounded_logits)
     capped = most_suspect(candidates, scores, overrule_cap)
-    overruled[one_class_share(capped, fused_classes, overrule_gate)] = True
+    concentration = top_class_share(capped, fused_classes)
+    if concentration >= overrule_gate:  # nan (nothing capped) is never >=
+        overruled[capped] = True
     # the other disagreements: the fused model's own outputs, outside the agreement count
     unsure = torch.where(agree, 1.0, float(unsure_weight))
     excused = torch.zeros(0, dtype=torch.long)
@@ -117,10 +129,10 @@ def fidelity_reference(
         agree[excused], unsure[excused] = False, 0.0
     if objective == "agree":
         return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled,
-                         len(excused))
+                         len(excused), concentration)
     targets = torch.where(overruled[:, None], ensemble_logits, fused_logits)
     weights = torch.where(overruled, float(disagree_weight), unsure)
-    return Reference(targets, weights, agree, overruled, len(excused))
+    return Reference(targets, weights, agree, overruled, len(excused), concentration)
 
 
 def flipped_agreements(agree: torch.Tensor, fused_logits: torch.Tensor,

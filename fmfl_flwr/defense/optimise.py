@@ -86,8 +86,8 @@ class BoundSettings:
     overrule_cap: float = 0.2
     # which disagreements the cap keeps (`objectives.suspicion`)
     overrule_rank: str = "confidence-drop"
-    # > 0: overrule only if one fused class holds >= this share of the capped set, and only
-    # that class (a clean D_syn's suspects spread over the classes: `fidelity_reference`)
+    # > 0: overrule the capped set only if one fused class holds >= this share of it (a
+    # backdoor's target; a clean D_syn's suspects spread over the classes)
     overrule_gate: float = 0.5
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the ensemble shares; `fidelity_reference`)
@@ -417,6 +417,7 @@ def optimise_bounds(
         "agreement": kept,
         "overruled-agreement": fixed,
         "overruled-share": float(reference.overruled.float().mean()),
+        "cap-top-class-share": reference.cap_top_class_share,
         "flips-excused-share": reference.flips_excused / len(images),
         "trimmed-share": trim,
         "excused-share": excused,
