@@ -395,8 +395,8 @@ def test_confidence_drop_overrules_first_what_last_rounds_bounds_take_away() -> 
 
 def test_overrule_gate_overrules_the_cap_only_where_one_class_fills_it() -> None:
     """The cap keeps the 3 most confident disagreements (2, 4, 5); fused class 0 holds 2
-    of them: a gate of 0.6 overrules all three, 0.7 none, which then keep the fused
-    targets and weights of the unsure, outside the agreement count."""
+    of them: a gate of 0.6 overrules all three; at 0.7 nothing is overruled and the fused
+    model is trusted on every sample, in the agreement count too (MM-BM's reference)."""
     fused = torch.tensor([[5.0, 0, 0], [0, 5, 0], [3, 0, 0], [1, 0.5, 0], [9, 0, 0],
                           [0, 0, 8]])
     ensemble = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 2, 1, 1]), 3).float()
@@ -409,9 +409,11 @@ def test_overrule_gate_overrules_the_cap_only_where_one_class_fills_it() -> None
     assert torch.equal(gated.weights, capped.weights)
     closed = fidelity_reference("ensemble-switch", fused, ensemble, 3.0, overrule_cap=0.5,
                                 overrule_gate=0.7)
-    assert not closed.overruled.any()
-    assert torch.equal(closed.target_logits, fused)
-    assert closed.weights.tolist() == [1.0] * 6 and torch.equal(closed.keep, capped.keep)
+    mm_bm = fidelity_reference("mm-bm", fused, ensemble)
+    assert not closed.overruled.any() and closed.keep.all()
+    assert torch.equal(closed.target_logits, mm_bm.target_logits)
+    assert torch.equal(closed.weights, mm_bm.weights)
+    assert closed.cap_top_class_share == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="overrule-gate=1.5"):
         BoundSettings(overrule_gate=1.5)
 

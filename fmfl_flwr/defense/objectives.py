@@ -90,11 +90,13 @@ def fidelity_reference(
     a backdoor sends its samples there. With `overrule_gate`, the capped set is overruled
     only if one fused class holds at least that share of it (`top_class_share`): a
     backdoor's poison fills the cap with its target, while a clean non-IID ensemble's most
-    suspect disagreements spread over the classes and are mostly its own errors, so on a
-    clean D_syn nothing is overruled. The other disagreements, mostly a weaker non-IID
-    ensemble's errors but also any poisoned sample the cap missed, keep the fused model's
-    own outputs as targets with weight `unsure_weight` (0 drops them); they are not
-    counted in `keep`. With `excuse_flips` > 0, the agreements that last round's bounds
+    suspect disagreements spread over the classes and are mostly its own errors. Below the
+    gate the fused model is trusted on every sample and counted in `keep`: MM-BM's
+    reference, since the non-IID disagreements left out of the agreement count let the
+    penalty tighten the bounds until they cost clean ACC. The other disagreements, mostly
+    a weaker non-IID ensemble's errors but also any poisoned sample the cap missed, keep
+    the fused model's own outputs as targets with weight `unsure_weight` (0 drops them);
+    they are not counted in `keep`. With `excuse_flips` > 0, the agreements that last round's bounds
     flip (`bounded_logits`) are dropped too when at least that share of them sit in one
     fused class, and only that class's (`one_class_share`): poison the ensemble shares,
     sent to one target, whose trigger those bounds already cut and which the fused targets
@@ -116,8 +118,10 @@ def fidelity_reference(
     scores = suspicion(overrule_rank, fused_logits, bounded_logits)
     capped = most_suspect(candidates, scores, overrule_cap)
     concentration = top_class_share(capped, fused_classes)
-    if concentration >= overrule_gate:  # nan (nothing capped) is never >=
-        overruled[capped] = True
+    if overrule_gate > 0 and not concentration >= overrule_gate:  # nan: nothing capped
+        # no sign of a one-target poison: the fused model is trusted everywhere (MM-BM's fit)
+        return Reference(fused_logits, everyone.float(), everyone, ~everyone, 0, concentration)
+    overruled[capped] = True
     # the other disagreements: the fused model's own outputs, outside the agreement count
     unsure = torch.where(agree, 1.0, float(unsure_weight))
     excused = torch.zeros(0, dtype=torch.long)
