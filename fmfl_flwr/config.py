@@ -93,7 +93,8 @@ class ExperimentConfig:
     # last round's bounds)
     bounds_overrule_rank: str = field(default="confidence-drop",
                                       metadata=_choices(*OVERRULE_RANKS))
-    # > 0: overrule only where one fused class holds >= this share of the capped set
+    # > 0: overrule the cap only where one fused class holds >= this share of it, else
+    # fit MM-BM's reference
     bounds_overrule_gate: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the client ensemble shares)

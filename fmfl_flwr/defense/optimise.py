@@ -87,7 +87,8 @@ class BoundSettings:
     # which disagreements the cap keeps (`objectives.suspicion`)
     overrule_rank: str = "confidence-drop"
     # > 0: overrule the capped set only if one fused class holds >= this share of it (a
-    # backdoor's target; a clean D_syn's suspects spread over the classes)
+    # backdoor's target; a clean D_syn's suspects spread over the classes), else fit
+    # MM-BM's reference; 0.5 kept clean ACC within a point (docs/defense.md, stop 18)
     overrule_gate: float = 0.5
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the ensemble shares; `fidelity_reference`)
