@@ -78,7 +78,7 @@ VARIANTS = {
         "excuse_flips": 0.5},
     # stop 18: the stop-17 defaults with the overrule gate (at the time of
     # bench/results/gate_*.json it overruled only the dominant class of the cap)
-    **{f"stop17-gate{gate}": {**STOP17, "overrule_gate": gate} for gate in (0.0, 0.4, 0.5)},
+    **{f"stop17-gate{gate}": {**STOP17, "overrule_gate": gate} for gate in (0.0, 0.5)},
     "stop17-mm-bm": {**STOP17, "objective": "mm-bm"},
 }
 
@@ -89,7 +89,8 @@ def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, clean
     cap under each overrule rank (`bounded_logits`: the fused model through last round's
     bounds, the warm start); per rank also how much of the cap its top fused class holds
     (what `overrule_gate` tests) and who is right there by the clean D_syn's labels."""
-    disagree = fused_logits.argmax(1) != ensemble_logits.argmax(1)
+    fused_classes, ensemble_classes = fused_logits.argmax(1), ensemble_logits.argmax(1)
+    disagree = fused_classes != ensemble_classes
     candidates = torch.nonzero(disagree).flatten()
     census = {"disagree-share": disagree.float().mean().item(),
               "poisoned-among-disagree": poisoned[disagree].float().mean().item(),
@@ -97,20 +98,19 @@ def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, clean
     flipped = flipped_agreements(~disagree, fused_logits, bounded_logits)
     census.update({"flipped-agreement-share": flipped.float().mean().item(),
                    "flipped-top-class-share": top_class_share(torch.nonzero(flipped).flatten(),
-                                                              fused_logits.argmax(1)),
+                                                              fused_classes),
                    "poisoned-among-flipped-agreement": poisoned[flipped].float().mean().item(),
                    "poisoned-caught-by-flipped-agreement": flipped[poisoned].float().mean().item()})
+    fused_right, ensemble_right = fused_classes == clean_labels, ensemble_classes == clean_labels
     for rank in OVERRULE_RANKS:
+        capped = most_suspect(candidates, suspicion(rank, fused_logits, bounded_logits), cap)
         chosen = torch.zeros_like(disagree)
-        chosen[most_suspect(candidates, suspicion(rank, fused_logits, bounded_logits), cap)] = True
+        chosen[capped] = True
         census[f"poisoned-among-cap[{rank}]"] = poisoned[chosen].float().mean().item()
         census[f"poisoned-caught-by-cap[{rank}]"] = chosen[poisoned].float().mean().item()
-        census[f"top-class-share-of-cap[{rank}]"] = top_class_share(
-            torch.nonzero(chosen).flatten(), fused_logits.argmax(1))
-        census[f"fused-right-in-cap[{rank}]"] = \
-            (fused_logits.argmax(1) == clean_labels)[chosen].float().mean().item()
-        census[f"ensemble-right-in-cap[{rank}]"] = \
-            (ensemble_logits.argmax(1) == clean_labels)[chosen].float().mean().item()
+        census[f"top-class-share-of-cap[{rank}]"] = top_class_share(capped, fused_classes)
+        census[f"fused-right-in-cap[{rank}]"] = fused_right[chosen].float().mean().item()
+        census[f"ensemble-right-in-cap[{rank}]"] = ensemble_right[chosen].float().mean().item()
     return census
 
 
