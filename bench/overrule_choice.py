@@ -47,6 +47,7 @@ from fmfl_flwr.defense.objectives import (
     OVERRULE_RANKS,
     flipped_agreements,
     most_suspect,
+    otsu_threshold,
     suspicion,
     top_class_share,
 )
@@ -80,11 +81,14 @@ VARIANTS = {
     # bench/results/gate_*.json it overruled only the dominant class of the cap)
     **{f"stop17-gate{gate}": {**STOP17, "overrule_gate": gate} for gate in (0.0, 0.5)},
     "stop17-mm-bm": {**STOP17, "objective": "mm-bm"},
+    # stop 19: the stop-18 defaults, with and without excusing the shared poison
+    "stop18": {**STOP17, "overrule_gate": 0.5, "excuse_shared": False},
+    "stop18-excuse-shared": {**STOP17, "overrule_gate": 0.5, "excuse_shared": True},
 }
 
 
-def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, clean_labels, cap
-                  ) -> dict[str, float]:
+def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, clean_labels, cap,
+                  features=None) -> dict[str, float]:
     """Share of D_syn in disagreement, and how the poisoned samples sit in it and in the
     cap under each overrule rank (`bounded_logits`: the fused model through last round's
     bounds, the warm start); per rank also how much of the cap its top fused class holds
@@ -111,7 +115,77 @@ def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, clean
         census[f"top-class-share-of-cap[{rank}]"] = top_class_share(capped, fused_classes)
         census[f"fused-right-in-cap[{rank}]"] = fused_right[chosen].float().mean().item()
         census[f"ensemble-right-in-cap[{rank}]"] = ensemble_right[chosen].float().mean().item()
+    census.update(target_agreement_census(fused_logits, bounded_logits, ensemble_logits,
+                                          poisoned, cap, features))
     return census
+
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Probability that a random positive scores above a random negative (ties half)."""
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    above = (pos[:, None] > neg[None, :]).float() + 0.5 * (pos[:, None] == neg[None, :]).float()
+    return above.mean().item()
+
+
+def target_agreement_census(fused_logits, bounded_logits, ensemble_logits, poisoned, cap,
+                            features=None) -> dict[str, float]:
+    """The poison the ensemble agrees with: the agreements on the cap's top fused class
+    (the target when the gate passes). How much poison they hold, and how well scores
+    that need no labels separate it from the clean samples of that class (AUROC), with
+    the rule "as suspect as the cap's median" (`suspicion`, confidence-drop)."""
+    fused_classes, ensemble_classes = fused_logits.argmax(1), ensemble_logits.argmax(1)
+    disagree = torch.nonzero(fused_classes != ensemble_classes).flatten()
+    scores = suspicion("confidence-drop", fused_logits, bounded_logits)
+    capped = most_suspect(disagree, scores, cap)
+    if len(capped) == 0:
+        return {}
+    target = fused_classes[capped].mode().values
+    mine = (fused_classes == target) & (ensemble_classes == target)
+    own = fused_classes[:, None]
+    fused_conf = fused_logits.softmax(1).gather(1, own).squeeze(1)
+    bounded_conf = bounded_logits.softmax(1).gather(1, own).squeeze(1)
+    ensemble_conf = ensemble_logits.softmax(1).gather(1, own).squeeze(1)
+    candidates = {"suspicion": scores, "drop": fused_conf - bounded_conf,
+                  "ensemble-unsure": -ensemble_conf,
+                  "fused-minus-ensemble": fused_conf - ensemble_conf}
+    if features is not None:  # the fused model's penultimate features: near the cap's poison?
+        unit = torch.nn.functional.normalize(features, dim=1)
+        to_cap = unit @ torch.nn.functional.normalize(unit[capped].mean(0), dim=0)
+        to_class = unit @ torch.nn.functional.normalize(unit[mine].mean(0), dim=0)
+        candidates.update({"feature-near-cap": to_cap,
+                           "feature-cap-minus-class": to_cap - to_class})
+    census = {"target-agreement-share": mine.float().mean().item(),
+              "poisoned-among-target-agreement": poisoned[mine].float().mean().item(),
+              "poisoned-caught-by-target-agreement": mine[poisoned].float().mean().item()}
+    for name, score in candidates.items():
+        census[f"auroc-target-agreement[{name}]"] = auroc(score[mine], poisoned[mine])
+    rules = {f"cap-q{q}": mine & (scores >= scores[capped].quantile(q)) for q in (0.0, 0.5)}
+    for name in ("suspicion", "drop", "feature-cap-minus-class"):
+        if name in candidates:
+            score = candidates[name]
+            rules[f"otsu[{name}]"] = mine & (score > otsu_threshold(score[mine]))
+    if features is not None:
+        rules["feature-closer-to-cap"] = mine & (candidates["feature-cap-minus-class"] > 0)
+    for name, chosen in rules.items():
+        census[f"excused-share[{name}]"] = chosen.float().mean().item()
+        census[f"poisoned-among-excused[{name}]"] = poisoned[chosen].float().mean().item()
+        census[f"poisoned-caught-by-excused[{name}]"] = chosen[poisoned].float().mean().item()
+    return census
+
+
+@torch.no_grad()
+def penultimate_features(model, images: torch.Tensor) -> torch.Tensor:
+    """What the model's last linear layer reads, per image."""
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    seen = []
+    handle = last.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].cpu()))
+    try:
+        predict_logits(model, images)
+    finally:
+        handle.remove()
+    return torch.cat(seen).flatten(1)
 
 
 def main() -> None:
@@ -164,10 +238,11 @@ def main() -> None:
         bounded_logits = predict_logits(fused_model, syn[0])  # through last round's bounds
         with bounds_disabled(fused_model):
             fused_logits = predict_logits(fused_model, syn[0])
+            features = penultimate_features(fused_model, syn[0])
             rows.append({"round": server_round, "variant": "fused, unbounded",
                          **validation(fused_model),
                          **poison_census(fused_logits, bounded_logits, ensemble, poisoned,
-                                         clean[1], shipped.overrule_cap)})
+                                         clean[1], shipped.overrule_cap, features)})
         print(rows[-1], flush=True)
         subset = round_subset(len(syn[0]), shipped, server_round)  # the run's own subset
         for name in args.variants:
