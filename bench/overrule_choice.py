@@ -47,7 +47,6 @@ from fmfl_flwr.defense.objectives import (
     OVERRULE_RANKS,
     flipped_agreements,
     most_suspect,
-    otsu_threshold,
     suspicion,
     top_class_share,
 )
@@ -81,14 +80,11 @@ VARIANTS = {
     # bench/results/gate_*.json it overruled only the dominant class of the cap)
     **{f"stop17-gate{gate}": {**STOP17, "overrule_gate": gate} for gate in (0.0, 0.5)},
     "stop17-mm-bm": {**STOP17, "objective": "mm-bm"},
-    # stop 19: the stop-18 defaults, with and without excusing the shared poison
-    "stop18": {**STOP17, "overrule_gate": 0.5, "excuse_shared": False},
-    "stop18-excuse-shared": {**STOP17, "overrule_gate": 0.5, "excuse_shared": True},
 }
 
 
 def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, clean_labels, cap,
-                  features=None) -> dict[str, float]:
+                  features) -> dict[str, float]:
     """Share of D_syn in disagreement, and how the poisoned samples sit in it and in the
     cap under each overrule rank (`bounded_logits`: the fused model through last round's
     bounds, the warm start); per rank also how much of the cap its top fused class holds
@@ -130,11 +126,13 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
 
 
 def target_agreement_census(fused_logits, bounded_logits, ensemble_logits, poisoned, cap,
-                            features=None) -> dict[str, float]:
+                            features) -> dict[str, float]:
     """The poison the ensemble agrees with: the agreements on the cap's top fused class
-    (the target when the gate passes). How much poison they hold, and how well scores
-    that need no labels separate it from the clean samples of that class (AUROC), with
-    the rule "as suspect as the cap's median" (`suspicion`, confidence-drop)."""
+    (the target when the gate passes). How much poison they hold, how well scores that
+    need no labels separate it from the clean samples of that class (AUROC), and what
+    cuts of those scores would drop from the fit: at the cap's lowest or median
+    suspicion (confidence-drop), Otsu's split, or nearer the cap's mean penultimate
+    feature than the class's."""
     fused_classes, ensemble_classes = fused_logits.argmax(1), ensemble_logits.argmax(1)
     disagree = torch.nonzero(fused_classes != ensemble_classes).flatten()
     scores = suspicion("confidence-drop", fused_logits, bounded_logits)
@@ -150,12 +148,10 @@ def target_agreement_census(fused_logits, bounded_logits, ensemble_logits, poiso
     candidates = {"suspicion": scores, "drop": fused_conf - bounded_conf,
                   "ensemble-unsure": -ensemble_conf,
                   "fused-minus-ensemble": fused_conf - ensemble_conf}
-    if features is not None:  # the fused model's penultimate features: near the cap's poison?
-        unit = torch.nn.functional.normalize(features, dim=1)
-        to_cap = unit @ torch.nn.functional.normalize(unit[capped].mean(0), dim=0)
-        to_class = unit @ torch.nn.functional.normalize(unit[mine].mean(0), dim=0)
-        candidates.update({"feature-near-cap": to_cap,
-                           "feature-cap-minus-class": to_cap - to_class})
+    unit = torch.nn.functional.normalize(features, dim=1)
+    to_cap = unit @ torch.nn.functional.normalize(unit[capped].mean(0), dim=0)
+    to_class = unit @ torch.nn.functional.normalize(unit[mine].mean(0), dim=0)
+    candidates.update({"feature-near-cap": to_cap, "feature-cap-minus-class": to_cap - to_class})
     census = {"target-agreement-share": mine.float().mean().item(),
               "poisoned-among-target-agreement": poisoned[mine].float().mean().item(),
               "poisoned-caught-by-target-agreement": mine[poisoned].float().mean().item()}
@@ -163,16 +159,27 @@ def target_agreement_census(fused_logits, bounded_logits, ensemble_logits, poiso
         census[f"auroc-target-agreement[{name}]"] = auroc(score[mine], poisoned[mine])
     rules = {f"cap-q{q}": mine & (scores >= scores[capped].quantile(q)) for q in (0.0, 0.5)}
     for name in ("suspicion", "drop", "feature-cap-minus-class"):
-        if name in candidates:
-            score = candidates[name]
-            rules[f"otsu[{name}]"] = mine & (score > otsu_threshold(score[mine]))
-    if features is not None:
-        rules["feature-closer-to-cap"] = mine & (candidates["feature-cap-minus-class"] > 0)
+        score = candidates[name]
+        rules[f"otsu[{name}]"] = mine & (score > otsu_threshold(score[mine]))
+    rules["feature-closer-to-cap"] = mine & (candidates["feature-cap-minus-class"] > 0)
     for name, chosen in rules.items():
         census[f"excused-share[{name}]"] = chosen.float().mean().item()
         census[f"poisoned-among-excused[{name}]"] = poisoned[chosen].float().mean().item()
         census[f"poisoned-caught-by-excused[{name}]"] = chosen[poisoned].float().mean().item()
     return census
+
+
+def otsu_threshold(scores: torch.Tensor) -> float:
+    """The cut of 1-D `scores` into a low and a high group with the largest between-group
+    variance (Otsu); above it is the high group; +inf with fewer than two scores."""
+    ordered = scores.sort().values.double()
+    if len(ordered) < 2:
+        return float("inf")
+    low_count = torch.arange(1, len(ordered), dtype=torch.float64)
+    low_sum = ordered.cumsum(0)[:-1]
+    high_mean = (ordered.sum() - low_sum) / (len(ordered) - low_count)
+    between = low_count * (len(ordered) - low_count) * (low_sum / low_count - high_mean) ** 2
+    return ordered[between.argmax()].item()
 
 
 @torch.no_grad()

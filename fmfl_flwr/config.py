@@ -99,9 +99,6 @@ class ExperimentConfig:
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the client ensemble shares)
     bounds_excuse_flips: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
-    # once the cap is overruled, drop from the fit the agreements on its top class that
-    # stand out as suspect (poison the client ensemble shares)
-    bounds_excuse_shared: bool = False
     # the fidelity weight of the disagreements it does not overrule (fused targets)
     bounds_unsure_weight: float = field(default=1.0, metadata={"min": 0.0})
     client_bounds: bool = True

@@ -31,7 +31,6 @@ from fmfl_flwr.defense.objectives import (
     Reference,
     fidelity_reference,
     one_class_share,
-    otsu_threshold,
     trimmed_weights,
 )
 from fmfl_flwr.defense.optimise import _agreement, _verified
@@ -444,39 +443,6 @@ def test_excused_flips_leave_the_fit_only_when_one_class_holds_them() -> None:
         fidelity_reference("ensemble-switch", fused, ensemble, excuse_flips=0.5)
     with pytest.raises(ValueError, match="excuse-flips=1.5"):
         BoundSettings(excuse_flips=1.5)
-
-
-def test_shared_poison_leaves_the_fit_only_on_the_overruled_target() -> None:
-    """The cap (disagreements 0, 1, 8) names class 0 (2 of 3). Among the agreements on
-    class 0, sample 2 loses its confidence through last round's bounds and stands out
-    (Otsu): it leaves the fit and `keep`; clean 3 and 4 stay, and so does sample 5, as
-    suspect but of another class. With the gate closed nothing is excused."""
-    fused = torch.tensor([[6.0, 0, 0], [6, 0, 0], [6, 0, 0], [6, 0, 0], [5, 0, 0], [0, 6, 0],
-                          [0, 0, 6], [0, 5, 0], [0, 0, 6]])
-    ensemble = torch.nn.functional.one_hot(torch.tensor([1, 2, 0, 0, 0, 1, 2, 1, 1]), 3).float()
-    bounded = fused.clone()
-    bounded[[0, 1, 2]] = torch.tensor([1.0, 0, 0])
-    bounded[5] = torch.tensor([0.0, 1, 0])
-
-    def reference(**options):
-        return fidelity_reference("ensemble-switch", fused, ensemble, 3.0, overrule_cap=3 / 9,
-                                  overrule_rank="confidence-drop", bounded_logits=bounded,
-                                  **options)
-
-    plain, excused = reference(overrule_gate=0.6), reference(overrule_gate=0.6,
-                                                             excuse_shared=True)
-    assert plain.overruled.tolist() == [True, True] + [False] * 6 + [True]
-    assert plain.weights[2] == 1.0 and plain.keep[2] and plain.shared_excused == 0
-    assert excused.weights.tolist() == [3.0, 3.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0]
-    assert excused.keep.tolist() == [False, False, False, True, True, True, True, True, False]
-    assert excused.shared_excused == 1
-    closed = reference(overrule_gate=0.7, excuse_shared=True)
-    assert closed.keep.all() and closed.shared_excused == 0
-
-
-def test_otsu_threshold_parts_low_and_high_scores() -> None:
-    assert otsu_threshold(torch.tensor([0.1, 0.2, 0.15, 0.9, 0.95])) == pytest.approx(0.2)
-    assert otsu_threshold(torch.tensor([0.5])) == float("inf")
 
 
 def test_gate_trims_only_worst_fitted_of_one_class() -> None:

@@ -42,8 +42,6 @@ class Reference:
     keep: torch.Tensor
     overruled: torch.Tensor
     flips_excused: int = 0
-    # the agreements on the target dropped as poison the ensemble shares (`shared_poison`)
-    shared_excused: int = 0
     # how much of the capped disagreements one fused class holds (what the gate tests)
     cap_top_class_share: float = float("nan")
 
@@ -82,7 +80,6 @@ def fidelity_reference(
     bounded_logits: torch.Tensor | None = None,
     excuse_flips: float = 0.0,
     overrule_gate: float = 0.0,
-    excuse_shared: bool = False,
 ) -> Reference:
     """Targets and weights of `objective`; without an ensemble every objective is MM-BM's.
 
@@ -104,9 +101,7 @@ def fidelity_reference(
     fused class, and only that class's (`one_class_share`): poison the ensemble shares,
     sent to one target, whose trigger those bounds already cut and which the fused targets
     would otherwise reopen. A clean D_syn's flips, the bounds' own errors, spread over the
-    classes and stay, so the errors cannot pile up round after round. With
-    `excuse_shared`, the agreements on the overruled cap's top class that stand out as
-    suspect (`shared_poison`) are dropped from the fit and the agreement count.
+    classes and stay, so the errors cannot pile up round after round.
     """
     if objective not in OBJECTIVES:
         raise ValueError(
@@ -125,8 +120,7 @@ def fidelity_reference(
     concentration = top_class_share(capped, fused_classes)
     if overrule_gate > 0 and not concentration >= overrule_gate:  # nan: nothing capped
         # no sign of a one-target poison: the fused model is trusted everywhere (MM-BM's fit)
-        return Reference(fused_logits, everyone.float(), everyone, ~everyone,
-                         cap_top_class_share=concentration)
+        return Reference(fused_logits, everyone.float(), everyone, ~everyone, 0, concentration)
     overruled[capped] = True
     # the other disagreements: the fused model's own outputs, outside the agreement count
     unsure = torch.where(agree, 1.0, float(unsure_weight))
@@ -137,46 +131,12 @@ def fidelity_reference(
         flipped = torch.nonzero(flipped_agreements(agree, fused_logits, bounded_logits)).flatten()
         excused = one_class_share(flipped, fused_classes, excuse_flips)
         agree[excused], unsure[excused] = False, 0.0
-    shared = shared_poison(agree, fused_classes, capped, scores) if excuse_shared else excused[:0]
-    agree[shared], unsure[shared] = False, 0.0
     if objective == "agree":
         return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled,
-                         len(excused), len(shared), concentration)
+                         len(excused), concentration)
     targets = torch.where(overruled[:, None], ensemble_logits, fused_logits)
     weights = torch.where(overruled, float(disagree_weight), unsure)
-    return Reference(targets, weights, agree, overruled, len(excused), len(shared),
-                     concentration)
-
-
-def shared_poison(agree: torch.Tensor, fused_classes: torch.Tensor, capped: torch.Tensor,
-                  scores: torch.Tensor) -> torch.Tensor:
-    """The agreements on the cap's top fused class that stand out by `scores` (indices).
-
-    Poison the client ensemble agrees with keeps the fused model's targets, which pull the
-    bounds to reopen its trigger. Once the overruled cap has named the target (its top
-    class), that poison sits among the agreements on it, and last round's bounds take
-    its confidence away while clean samples of the class keep theirs (`suspicion`); Otsu's
-    split of the class's scores parts the two without a threshold to tune.
-    """
-    if len(capped) == 0:
-        return capped
-    target = fused_classes[capped].mode().values
-    candidates = torch.nonzero(agree & (fused_classes == target)).flatten()
-    return candidates[scores[candidates] > otsu_threshold(scores[candidates])]
-
-
-def otsu_threshold(scores: torch.Tensor) -> float:
-    """The cut of 1-D `scores` into a low and a high group with the largest between-group
-    variance (Otsu); above it is the high group; +inf with fewer than two scores."""
-    ordered = scores.sort().values.double()
-    if len(ordered) < 2:
-        return float("inf")
-    low_count = torch.arange(1, len(ordered), dtype=torch.float64)
-    low_sum = ordered.cumsum(0)[:-1]
-    low_mean = low_sum / low_count
-    high_mean = (ordered.sum() - low_sum) / (len(ordered) - low_count)
-    between = low_count * (len(ordered) - low_count) * (low_mean - high_mean) ** 2
-    return ordered[between.argmax()].item()
+    return Reference(targets, weights, agree, overruled, len(excused), concentration)
 
 
 def flipped_agreements(agree: torch.Tensor, fused_logits: torch.Tensor,

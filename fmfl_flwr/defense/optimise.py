@@ -93,9 +93,6 @@ class BoundSettings:
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the ensemble shares; `fidelity_reference`)
     excuse_flips: float = 0.0
-    # once the cap is overruled, drop from the fit the agreements on its top class that
-    # stand out as suspect (poison the ensemble shares; `objectives.shared_poison`)
-    excuse_shared: bool = False
     # fidelity weight of the disagreements neither overruled nor trusted (fused targets)
     unsure_weight: float = 1.0
     margin_per_class: int = 30  # mmac probes
@@ -340,7 +337,6 @@ def optimise_bounds(
         settings.objective, fused_logits, ensemble_logits, settings.disagree_weight,
         settings.class_gate, settings.overrule_cap, settings.unsure_weight,
         settings.overrule_rank, bounded_logits, settings.excuse_flips, settings.overrule_gate,
-        settings.excuse_shared,
     )
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     optimiser = torch.optim.Adam(list(z.values()), lr=settings.lr)
@@ -424,7 +420,6 @@ def optimise_bounds(
         "overruled-share": float(reference.overruled.float().mean()),
         "cap-top-class-share": reference.cap_top_class_share,
         "flips-excused-share": reference.flips_excused / len(images),
-        "shared-excused-share": reference.shared_excused / len(images),
         "trimmed-share": trim,
         "excused-share": excused,
         "samples": float(len(images)),
