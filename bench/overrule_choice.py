@@ -21,6 +21,10 @@ D_syn of the same seed).
     python bench/overrule_choice.py --set partition="'dirichlet'" seed=1 fm-attack="'none'" \
         bounds-overrule-gate=0.0 --rounds 3 --variants stop17-gate0.0 stop17-gate0.5 \
         stop17-mm-bm --out bench/results/gate_clean_dir_s1.json
+    # the census only (no fit), with the poison the ensemble agrees with (stop 19; the
+    # fits of bench/results/shared_poison_dir_s0.json ran at 63d2d67)
+    python bench/overrule_choice.py --set partition="'dirichlet'" seed=0 --rounds 3 \
+        --variants --out bench/results/shared_poison_census_dir_s0.json
 """
 
 from __future__ import annotations
