@@ -21,10 +21,11 @@ D_syn of the same seed).
     python bench/overrule_choice.py --set partition="'dirichlet'" seed=1 fm-attack="'none'" \
         bounds-overrule-gate=0.0 --rounds 3 --variants stop17-gate0.0 stop17-gate0.5 \
         stop17-mm-bm --out bench/results/gate_clean_dir_s1.json
-    # the census only (no fit), with the poison the ensemble agrees with (stop 19; the
-    # fits of bench/results/shared_poison_dir_s0.json ran at 63d2d67)
+    # the census only (no fit), with the poison the ensemble agrees with (stop 19); the
+    # committed bench/results/shared_poison_dir_s0.json holds the same census and the
+    # fits of two variants that existed at 63d2d67
     python bench/overrule_choice.py --set partition="'dirichlet'" seed=0 --rounds 3 \
-        --variants --out bench/results/shared_poison_census_dir_s0.json
+        --variants --out /tmp/shared_poison_census_dir_s0.json
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, clean
                    "poisoned-caught-by-flipped-agreement": flipped[poisoned].float().mean().item()})
     fused_right, ensemble_right = fused_classes == clean_labels, ensemble_classes == clean_labels
     for rank in OVERRULE_RANKS:
-        capped = most_suspect(candidates, suspicion(rank, fused_logits, bounded_logits), cap)
+        scores = suspicion(rank, fused_logits, bounded_logits)
+        capped = most_suspect(candidates, scores, cap)
         chosen = torch.zeros_like(disagree)
         chosen[capped] = True
         census[f"poisoned-among-cap[{rank}]"] = poisoned[chosen].float().mean().item()
@@ -115,8 +117,10 @@ def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, clean
         census[f"top-class-share-of-cap[{rank}]"] = top_class_share(capped, fused_classes)
         census[f"fused-right-in-cap[{rank}]"] = fused_right[chosen].float().mean().item()
         census[f"ensemble-right-in-cap[{rank}]"] = ensemble_right[chosen].float().mean().item()
-    census.update(target_agreement_census(fused_logits, bounded_logits, ensemble_logits,
-                                          poisoned, cap, features))
+        if rank == "confidence-drop":  # the shipped rank's cap names the target
+            census.update(target_agreement_census(fused_logits, bounded_logits,
+                                                  ensemble_logits, poisoned, features,
+                                                  scores, capped))
     return census
 
 
@@ -129,27 +133,26 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     return above.mean().item()
 
 
-def target_agreement_census(fused_logits, bounded_logits, ensemble_logits, poisoned, cap,
-                            features) -> dict[str, float]:
+def target_agreement_census(fused_logits, bounded_logits, ensemble_logits, poisoned, features,
+                            scores, capped) -> dict[str, float]:
     """The poison the ensemble agrees with: the agreements on the cap's top fused class
     (the target when the gate passes). How much poison they hold, how well scores that
     need no labels separate it from the clean samples of that class (AUROC), and what
     cuts of those scores would drop from the fit: at the cap's lowest or median
     suspicion (confidence-drop), Otsu's split, or nearer the cap's mean penultimate
-    feature than the class's."""
-    fused_classes, ensemble_classes = fused_logits.argmax(1), ensemble_logits.argmax(1)
-    disagree = torch.nonzero(fused_classes != ensemble_classes).flatten()
-    scores = suspicion("confidence-drop", fused_logits, bounded_logits)
-    capped = most_suspect(disagree, scores, cap)
+    feature than the class's. `scores` and `capped`: the suspicion (confidence-drop) and
+    the cap it keeps."""
     if len(capped) == 0:
         return {}
+    fused_classes = fused_logits.argmax(1)
     target = fused_classes[capped].mode().values
-    mine = (fused_classes == target) & (ensemble_classes == target)
-    own = fused_classes[:, None]
-    fused_conf = fused_logits.softmax(1).gather(1, own).squeeze(1)
-    bounded_conf = bounded_logits.softmax(1).gather(1, own).squeeze(1)
-    ensemble_conf = ensemble_logits.softmax(1).gather(1, own).squeeze(1)
-    candidates = {"suspicion": scores, "drop": fused_conf - bounded_conf,
+    mine = (fused_classes == target) & (ensemble_logits.argmax(1) == target)
+
+    def confidence(logits):  # in the fused model's class
+        return logits.softmax(1).gather(1, fused_classes[:, None]).squeeze(1)
+
+    fused_conf, ensemble_conf = confidence(fused_logits), confidence(ensemble_logits)
+    candidates = {"suspicion": scores, "drop": fused_conf - confidence(bounded_logits),
                   "ensemble-unsure": -ensemble_conf,
                   "fused-minus-ensemble": fused_conf - ensemble_conf}
     unit = torch.nn.functional.normalize(features, dim=1)
@@ -187,16 +190,16 @@ def otsu_threshold(scores: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def penultimate_features(model, images: torch.Tensor) -> torch.Tensor:
-    """What the model's last linear layer reads, per image."""
+def logits_and_features(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits and what its last linear layer reads, per image, in one pass."""
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     seen = []
     handle = last.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].cpu()))
     try:
-        predict_logits(model, images)
+        logits = predict_logits(model, images)
     finally:
         handle.remove()
-    return torch.cat(seen).flatten(1)
+    return logits, torch.cat(seen).flatten(1)
 
 
 def main() -> None:
@@ -248,8 +251,7 @@ def main() -> None:
         fused_model = load_state_with_bounds(model_fn(), fused)
         bounded_logits = predict_logits(fused_model, syn[0])  # through last round's bounds
         with bounds_disabled(fused_model):
-            fused_logits = predict_logits(fused_model, syn[0])
-            features = penultimate_features(fused_model, syn[0])
+            fused_logits, features = logits_and_features(fused_model, syn[0])
             rows.append({"round": server_round, "variant": "fused, unbounded",
                          **validation(fused_model),
                          **poison_census(fused_logits, bounded_logits, ensemble, poisoned,
