@@ -56,7 +56,7 @@ from fmfl_flwr.defense.objectives import (
     top_class_share,
 )
 from fmfl_flwr.defense.steps import round_subset
-from fmfl_flwr.fusion import Fusion
+from fmfl_flwr.fusion import Fusion, ensemble_logits
 from fmfl_flwr.metrics import acc_and_asr
 from fmfl_flwr.models import build_model
 from fmfl_flwr.partition import client_indices, public_split
@@ -228,6 +228,14 @@ def main() -> None:
     def validation(model) -> dict[str, float]:
         return acc_and_asr(model, val_x, val_y, trigger, config.target_label)
 
+    def ensemble_validation(states) -> dict[str, float]:
+        """The client ensemble (mean logits, bounds as served): where an ACC gap starts."""
+        keep = val_y != config.target_label
+        clean = ensemble_logits(model_fn(), states, val_x).argmax(1)
+        triggered = ensemble_logits(model_fn(), states, trigger.stamp(val_x[keep])).argmax(1)
+        return {"ensemble-acc": (clean == val_y).float().mean().item(),
+                "ensemble-asr": (triggered == config.target_label).float().mean().item()}
+
     seed_everything(config.seed)
     parts = [client_indices(dataset.train_y, i, args.clients, config.partition,
                             config.dirichlet_alpha, config.public_fraction, config.seed,
@@ -253,7 +261,7 @@ def main() -> None:
         with bounds_disabled(fused_model):
             fused_logits, features = logits_and_features(fused_model, syn[0])
             rows.append({"round": server_round, "variant": "fused, unbounded",
-                         **validation(fused_model),
+                         **validation(fused_model), **ensemble_validation(states),
                          **poison_census(fused_logits, bounded_logits, ensemble, poisoned,
                                          clean[1], shipped.overrule_cap, features)})
         print(rows[-1], flush=True)
