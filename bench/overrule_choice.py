@@ -47,7 +47,7 @@ from fmfl_flwr.cli import app_defaults, parse_overrides
 from fmfl_flwr.client_update import ClientRole, client_update
 from fmfl_flwr.data import load_dataset, to_float
 from fmfl_flwr.defense import attach_bounds, bound_keys, load_state_with_bounds, optimise_bounds
-from fmfl_flwr.defense.bounds import bounds_disabled
+from fmfl_flwr.defense.bounds import bounds_disabled, strip_bounds
 from fmfl_flwr.defense.objectives import (
     OVERRULE_RANKS,
     flipped_agreements,
@@ -234,12 +234,17 @@ def main() -> None:
         return acc_and_asr(model, val_x, val_y, trigger, config.target_label)
 
     def ensemble_validation(states) -> dict[str, float]:
-        """The client ensemble (mean logits, bounds as served): where an ACC gap starts."""
+        """The client ensemble (mean logits), bounds as served and off: where an ACC gap
+        starts (the clients, their bounds, or the fusion)."""
         keep = val_y != config.target_label
-        clean = ensemble_logits(model_fn(), states, val_x).argmax(1)
-        triggered = ensemble_logits(model_fn(), states, trigger.stamp(val_x[keep])).argmax(1)
-        return {"ensemble-acc": (clean == val_y).float().mean().item(),
-                "ensemble-asr": (triggered == config.target_label).float().mean().item()}
+        found = {}
+        for name, used in (("ensemble", states), ("ensemble-unbounded",
+                                                   [strip_bounds(s) for s in states])):
+            clean = ensemble_logits(model_fn(), used, val_x).argmax(1)
+            triggered = ensemble_logits(model_fn(), used, trigger.stamp(val_x[keep])).argmax(1)
+            found[f"{name}-acc"] = (clean == val_y).float().mean().item()
+            found[f"{name}-asr"] = (triggered == config.target_label).float().mean().item()
+        return found
 
     seed_everything(config.seed)
     parts = [client_indices(dataset.train_y, i, args.clients, config.partition,
@@ -283,7 +288,8 @@ def main() -> None:
                          **validation(bounded)})
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()},
                   flush=True)
-        state = defense(server_round, fused, states, weights)
+        # defense="'none'": the undefended loop, the reference the census rows compare with
+        state = defense(server_round, fused, states, weights) if defense else fused
         served = load_state_with_bounds(model_fn(), state)
         rows.append({"round": server_round, "variant": "run",
                      "bound-keys": len(bound_keys(state)), **validation(served)})
