@@ -59,5 +59,4 @@ def bound_settings(config: ExperimentConfig) -> BoundSettings:
                    overrule_rank=config.bounds_overrule_rank,
                    overrule_gate=config.bounds_overrule_gate,
                    excuse_flips=config.bounds_excuse_flips,
-                   unsure_weight=config.bounds_unsure_weight,
-                   count_unsure=config.bounds_count_unsure, seed=config.seed)
+                   unsure_weight=config.bounds_unsure_weight, seed=config.seed)

@@ -101,8 +101,6 @@ class ExperimentConfig:
     bounds_excuse_flips: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     # the fidelity weight of the disagreements it does not overrule (fused targets)
     bounds_unsure_weight: float = field(default=1.0, metadata={"min": 0.0})
-    # count those disagreements in the agreement: the fit may flip only the overruled cap
-    bounds_count_unsure: bool = False
     client_bounds: bool = True
     # threats
     fm_attack: str = field(default="poisoned-pipeline", metadata=_choices(*FM_ATTACKS))

@@ -65,8 +65,6 @@ def test_bounds_defaults_are_the_defense_library_defaults():
     from fmfl_flwr.defense import BoundSettings
 
     assert bound_settings(ExperimentConfig()) == BoundSettings()
-    counted = bound_settings(ExperimentConfig.from_run_config({"bounds-count-unsure": True}))
-    assert counted.count_unsure and not BoundSettings().count_unsure
 
 
 def test_empty_fm_means_the_fm_dir_for_the_dataset(monkeypatch, tmp_path):

@@ -375,21 +375,6 @@ def test_overrule_cap_keeps_the_disagreements_the_fused_model_is_surest_of() -> 
         BoundSettings(overrule_cap=0.0)
 
 
-def test_counting_the_unsure_leaves_only_the_overruled_cap_free_to_flip() -> None:
-    """Samples 3 and 5 disagree outside the cap: counted, the fit must keep them too; at
-    weight 0 they are out of the fit, so out of the count as well."""
-    fused = torch.tensor([[5.0, 0, 0], [0, 5, 0], [3, 0, 0], [1, 0.5, 0], [9, 0, 0],
-                          [0, 1, 0.8]])
-    ensemble = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 2, 1, 2]), 3).float()
-    counted = fidelity_reference("ensemble-switch", fused, ensemble, 3.0, overrule_cap=2 / 6,
-                                 count_unsure=True)
-    assert counted.overruled.tolist() == [False, False, True, False, True, False]
-    assert counted.keep.tolist() == [True, True, False, True, False, True]
-    dropped = fidelity_reference("ensemble-switch", fused, ensemble, 3.0, overrule_cap=2 / 6,
-                                 unsure_weight=0.0, count_unsure=True)
-    assert dropped.keep.tolist() == [True, True, False, False, False, False]
-
-
 def test_confidence_drop_overrules_first_what_last_rounds_bounds_take_away() -> None:
     """Ranked by confidence plus its drop through the bounds, a disagreement the bounds
     flip (sample 3, a trigger's signature) beats one the fused model is surer of (2)."""

@@ -80,7 +80,6 @@ def fidelity_reference(
     bounded_logits: torch.Tensor | None = None,
     excuse_flips: float = 0.0,
     overrule_gate: float = 0.0,
-    count_unsure: bool = False,
 ) -> Reference:
     """Targets and weights of `objective`; without an ensemble every objective is MM-BM's.
 
@@ -97,11 +96,9 @@ def fidelity_reference(
     penalty tighten the bounds until they cost clean ACC. The other disagreements, mostly
     a weaker non-IID ensemble's errors but also any poisoned sample the cap missed, keep
     the fused model's own outputs as targets with weight `unsure_weight` (0 drops them);
-    they are not counted in `keep`, unless `count_unsure`: then the fit may flip only the
-    overruled cap, and the 95% agreement holds on every other sample. With `excuse_flips`
-    > 0, the agreements that last round's bounds flip (`bounded_logits`) are dropped too
-    when at least that share of them sit in one fused class, and only that class's
-    (`one_class_share`): poison the ensemble shares,
+    they are not counted in `keep`. With `excuse_flips` > 0, the agreements that last round's bounds
+    flip (`bounded_logits`) are dropped too when at least that share of them sit in one
+    fused class, and only that class's (`one_class_share`): poison the ensemble shares,
     sent to one target, whose trigger those bounds already cut and which the fused targets
     would otherwise reopen. A clean D_syn's flips, the bounds' own errors, spread over the
     classes and stay, so the errors cannot pile up round after round.
@@ -134,13 +131,12 @@ def fidelity_reference(
         flipped = torch.nonzero(flipped_agreements(agree, fused_logits, bounded_logits)).flatten()
         excused = one_class_share(flipped, fused_classes, excuse_flips)
         agree[excused], unsure[excused] = False, 0.0
-    keep = (unsure > 0) & ~overruled if count_unsure else agree
     if objective == "agree":
-        return Reference(fused_logits, torch.where(overruled, 0.0, unsure), keep, overruled,
+        return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled,
                          len(excused), concentration)
     targets = torch.where(overruled[:, None], ensemble_logits, fused_logits)
     weights = torch.where(overruled, float(disagree_weight), unsure)
-    return Reference(targets, weights, keep, overruled, len(excused), concentration)
+    return Reference(targets, weights, agree, overruled, len(excused), concentration)
 
 
 def flipped_agreements(agree: torch.Tensor, fused_logits: torch.Tensor,

@@ -95,8 +95,6 @@ class BoundSettings:
     excuse_flips: float = 0.0
     # fidelity weight of the disagreements neither overruled nor trusted (fused targets)
     unsure_weight: float = 1.0
-    # count those disagreements in the agreement too, so only the overruled cap may flip
-    count_unsure: bool = False
     margin_per_class: int = 30  # mmac probes
     margin_steps: int = 100
     prune_max_drop: float = 0.04  # the pruning baseline's allowed reference-accuracy drop
@@ -339,7 +337,6 @@ def optimise_bounds(
         settings.objective, fused_logits, ensemble_logits, settings.disagree_weight,
         settings.class_gate, settings.overrule_cap, settings.unsure_weight,
         settings.overrule_rank, bounded_logits, settings.excuse_flips, settings.overrule_gate,
-        settings.count_unsure,
     )
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     optimiser = torch.optim.Adam(list(z.values()), lr=settings.lr)
