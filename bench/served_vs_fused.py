@@ -30,22 +30,27 @@ from fmfl_flwr.models import build_model
 from fmfl_flwr.partition import public_split
 
 
-def measure(run_dir: Path, data_dir: str) -> dict:
-    """The run's final model, served and with its bounds off, on the public split and test set."""
+def load_run(run_dir: Path, data_dir: str):
+    """A finished run's config (as recorded), data set, recorded commit and final model."""
     recorded = json.loads((run_dir / "config.json").read_text())
     defaults = app_defaults()  # keys a later commit removed do not matter to evaluation
     known = {k: v for k, v in recorded["run_config"].items() if k in defaults}
     config = parse_app_config({**defaults, **known, "data-dir": data_dir})
     dataset = load_dataset(config.dataset, config.data_dir)
+    model = build_model(config.model, config.dataset, dataset.num_classes, config.model_width)
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    return config, dataset, recorded.get("git_commit"), load_state_with_bounds(model, state)
+
+
+def measure(run_dir: Path, data_dir: str) -> dict:
+    """The run's final model, served and with its bounds off, on the public split and test set."""
+    config, dataset, commit, model = load_run(run_dir, data_dir)
+    model.eval()
     public, _ = public_split(len(dataset.train_y), config.public_fraction, config.seed)
     splits = {"public": (to_float(dataset.train_x[public]),
                          torch.as_tensor(dataset.train_y[public])),
               "test": (to_float(dataset.test_x), torch.as_tensor(dataset.test_y))}
     trigger = attacks.evaluation_trigger(config, dataset.image_shape)
-    state = torch.load(run_dir / "model.pt", weights_only=True)
-    model = load_state_with_bounds(
-        build_model(config.model, config.dataset, dataset.num_classes, config.model_width),
-        state).eval()
 
     def scores() -> dict[str, float]:
         return {f"{split}-{k}": v for split, (x, y) in splits.items()
@@ -54,8 +59,9 @@ def measure(run_dir: Path, data_dir: str) -> dict:
     served = scores()
     with bounds_disabled(model):
         unbounded = scores()
-    return {"run": str(run_dir), "git_commit": recorded.get("git_commit"),
-            "bound-keys": len(bound_keys(state)), "served": served, "unbounded": unbounded}
+    return {"run": str(run_dir), "git_commit": commit,
+            "bound-keys": len(bound_keys(model.state_dict())), "served": served,
+            "unbounded": unbounded}
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from fmfl_flwr.defense import (
     UNBOUNDED,
     BoundSettings,
     BoundsStep,
+    TriggerDetector,
     attach_bounds,
     bound_keys,
     bounded_layers,
@@ -21,6 +22,7 @@ from fmfl_flwr.defense import (
     get_bounds,
     load_state_with_bounds,
     make_defense,
+    margin_drop,
     optimise_bounds,
     prune_dormant,
     quantile_bounds,
@@ -538,3 +540,30 @@ def test_round_zero_step_runs_without_clients(trained) -> None:
     assert len(bound_keys(state)) == 2
     assert step.history[0]["round"] == 0.0 and step.history[0]["overruled-share"] == 0.0
     assert step.history[0]["trimmed-share"] == pytest.approx(0.2)
+
+
+def test_detector_flags_what_the_bounds_clip_with_a_poisoned_reference() -> None:
+    """Unit 0 carries the trigger (x0 = 5, clipped to 1); clean inputs stay near the bounds.
+    With the largest 20% of drops left out, a reference 20% poisoned still puts the
+    threshold under every triggered drop, where the plain mean + 2.576 std of all drops
+    would sit above them all."""
+    model = attach_bounds(nn.Sequential(nn.Flatten(), nn.Linear(4, 2), nn.ReLU(),
+                                        nn.Linear(2, 2)))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+        model[1].bias.zero_()
+        model[3].weight.copy_(torch.eye(2))
+        model[3].bias.zero_()
+    set_bounds(model, {"2.act_bound": torch.ones(2)})
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand((400, 1, 2, 2), generator=g) * 1.1
+    triggered = clean[:100].clone()
+    triggered[:, 0, 0, 0], triggered[:, 0, 0, 1] = 5.0, 0.5
+    reference = torch.cat([clean[:80], triggered[:20]])
+    detector = TriggerDetector.fit(model, reference)
+    assert detector.flags(model, triggered).all()
+    assert detector.flags(model, clean[100:]).float().mean() < 0.1
+    drops = margin_drop(model, reference)
+    assert drops.mean() + 2.576 * drops.std() > margin_drop(model, triggered).max()
+    with pytest.raises(ValueError, match="detection trim=1.0"):
+        TriggerDetector.fit(model, reference, trim=1.0)

@@ -2,8 +2,8 @@
 
 `bounds` makes any ReLU network bounded, `optimise` fits the bounds on D_syn with the
 weights frozen, `objectives` holds what they are fitted to, `pruning` is the Fine-Pruning
-baseline as a bound mask, and `steps` turns each into a post-fusion server step by name.
-See docs/defense.md.
+baseline as a bound mask, `steps` turns each into a post-fusion server step by name, and
+`detection` flags triggered inputs at test time from the bounds. See docs/defense.md.
 """
 
 from fmfl_flwr.defense.bounds import (
@@ -20,6 +20,7 @@ from fmfl_flwr.defense.bounds import (
     set_bounds,
     strip_bounds,
 )
+from fmfl_flwr.defense.detection import TriggerDetector, margin_drop
 from fmfl_flwr.defense.objectives import OBJECTIVES
 from fmfl_flwr.defense.optimise import BoundSettings, optimise_bounds, quantile_bounds
 from fmfl_flwr.defense.pruning import prune_dormant
@@ -34,6 +35,7 @@ __all__ = [
     "BoundedReLU",
     "BoundsStep",
     "PruningStep",
+    "TriggerDetector",
     "attach_bounds",
     "bound_keys",
     "bounded_layers",
@@ -42,6 +44,7 @@ __all__ = [
     "get_bounds",
     "load_state_with_bounds",
     "make_defense",
+    "margin_drop",
     "optimise_bounds",
     "prune_dormant",
     "quantile_bounds",
