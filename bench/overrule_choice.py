@@ -26,6 +26,11 @@ D_syn of the same seed).
     # fits of two variants that existed at 63d2d67
     python bench/overrule_choice.py --set partition="'dirichlet'" seed=0 --rounds 3 \
         --variants --out /tmp/shared_poison_census_dir_s0.json
+    # where an ACC gap starts (stop 20): the census rows carry the client ensemble, and
+    # defense="'none'" (census only) runs the undefended loop as their reference
+    python bench/overrule_choice.py --set partition="'dirichlet'" seed=1 fm-attack="'none'" \
+        defense="'none'" --rounds 3 --variants \
+        --out bench/results/ensemble_gap_dir_s1_clean_none.json
 """
 
 from __future__ import annotations
@@ -218,6 +223,8 @@ def main() -> None:
     args = parser.parse_args()
     overrides = parse_overrides(" ".join(args.set))
     config = parse_app_config({**app_defaults(), **overrides})
+    if config.defense == "none" and args.variants:
+        parser.error("defense='none' runs the undefended loop: its census only, no --variants")
     dataset = load_dataset(config.dataset, config.data_dir)
     syn = synthetic_data(config)
     clean = synthetic_data(parse_app_config({**app_defaults(), **overrides, "fm-attack": "none"}))
