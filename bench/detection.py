@@ -24,7 +24,7 @@ from served_vs_fused import load_run  # the sibling bench's loader of a finished
 
 from fmfl_flwr import attacks
 from fmfl_flwr.data import to_float
-from fmfl_flwr.defense import TriggerDetector
+from fmfl_flwr.defense import TriggerDetector, margin_drop
 from server_app import synthetic_data
 
 
@@ -32,7 +32,8 @@ def measure(run_dir: Path, data_dir: str, trim: float) -> dict:
     config, dataset, commit, model = load_run(run_dir, data_dir)
     model.eval()
     syn_x, _ = synthetic_data(config)
-    detector = TriggerDetector.fit(model, syn_x, trim=trim)
+    syn_drops = margin_drop(model, syn_x)  # fits the threshold, then D_syn's census
+    detector = TriggerDetector.from_drops(syn_drops, trim=trim)
     test_x, test_y = to_float(dataset.test_x), torch.as_tensor(dataset.test_y)
     trigger = attacks.evaluation_trigger(config, dataset.image_shape)
     triggered = trigger.stamp(test_x[test_y != config.target_label])
@@ -42,7 +43,7 @@ def measure(run_dir: Path, data_dir: str, trim: float) -> dict:
     if config.fm_attack != "none":
         clean_x, _ = synthetic_data(replace(config, fm_attack="none"))
         poisoned = (syn_x != clean_x).flatten(1).any(1)
-        flagged = detector.flags(model, syn_x)
+        flagged = syn_drops > detector.threshold
         row["syn-poisoned-flagged"] = flagged[poisoned].float().mean().item()
         row["syn-clean-flagged"] = flagged[~poisoned].float().mean().item()
     return row

@@ -46,9 +46,15 @@ class TriggerDetector:
     def fit(cls, model: nn.Module, reference: torch.Tensor, trim: float = 0.2,
             z: float = Z_99) -> TriggerDetector:
         """`mu + z sigma` of the drops on `reference` (D_syn), its largest `trim` left out."""
+        return cls.from_drops(margin_drop(model, reference), trim, z)
+
+    @classmethod
+    def from_drops(cls, drops: torch.Tensor, trim: float = 0.2, z: float = Z_99
+                   ) -> TriggerDetector:
+        """`fit` from the reference's margin drops already at hand (`margin_drop`)."""
         if not 0.0 <= trim < 1.0:
             raise ValueError(f"detection trim={trim!r} must be in [0, 1)")
-        drops = margin_drop(model, reference).sort().values
+        drops = drops.sort().values
         kept = drops[: max(2, len(drops) - int(trim * len(drops)))]
         return cls(float(kept.mean() + z * kept.std()))
 
