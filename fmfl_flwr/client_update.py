@@ -2,7 +2,8 @@
 
 Shared by `client_app.train` and `bench/fmfl_loop.py`, so the bench trains clients exactly
 as the app does: poison when attacking, local SGD with the served bounds on or off
-(`client-bounds`), boost the update for model replacement.
+(`client-bounds`), optionally kept close to the served model (`client-distill`), boost
+the update for model replacement.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 from fmfl_flwr import attacks
 from fmfl_flwr.config import ExperimentConfig
 from fmfl_flwr.defense import bounds_disabled
-from fmfl_flwr.training import default_device, train_epochs
+from fmfl_flwr.training import default_device, predict_logits, train_epochs
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,15 @@ def client_update(config: ExperimentConfig, model: nn.Module, images: torch.Tens
         images, labels, _ = attacks.poison_samples(images, labels, trigger, config.poison_ratio,
                                                    config.target_label, round_seed)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    # The served model (bounds on) as the teacher: it knows the classes this client lacks,
+    # and it never shows the unbounded model's trigger response.
+    teacher = predict_logits(model, images) if config.client_distill > 0 else None
     torch.manual_seed(round_seed)
     with nullcontext(model) if config.client_bounds else bounds_disabled(model):
         loss = train_epochs(model, images, labels, config.local_epochs, config.batch_size,
                             config.lr, round_seed, momentum=config.momentum,
-                            device=default_device())
+                            device=default_device(), teacher_logits=teacher,
+                            teacher_weight=config.client_distill)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     if attacking and config.client_attack == "scaling":
         boost = attacks.default_boost(config, num_partitions, role.num_malicious)

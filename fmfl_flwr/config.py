@@ -102,6 +102,9 @@ class ExperimentConfig:
     # the fidelity weight of the disagreements it does not overrule (fused targets)
     bounds_unsure_weight: float = field(default=1.0, metadata={"min": 0.0})
     client_bounds: bool = True
+    # > 0: clients add this weight times the KL divergence from the served model's softmax
+    # on their own data, so training on a few classes forgets less of the others
+    client_distill: float = field(default=0.0, metadata={"min": 0.0})
     # threats
     fm_attack: str = field(default="poisoned-pipeline", metadata=_choices(*FM_ATTACKS))
     client_attack: str = field(default="none", metadata=_choices(*CLIENT_ATTACKS))

@@ -48,15 +48,28 @@ def train_epochs(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     device: torch.device | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_weight: float = 0.0,
 ) -> float:
-    """SGD over (images, labels) in seeded shuffled mini-batches; returns the mean loss."""
+    """SGD over (images, labels) in seeded shuffled mini-batches; returns the mean loss.
+
+    With `teacher_logits` (one row per image), each batch adds `teacher_weight` times the
+    KL divergence of the model's softmax from the teacher's: what a client keeps of the
+    model it received while it trains on its own few classes.
+    """
     device = device or default_device()
     model.to(device).train()
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay)
+    teacher_probs = None if teacher_logits is None else teacher_logits.softmax(1)
 
     def batch_loss(batch: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(images[batch].to(device)), labels[batch].to(device))
+        logits = model(images[batch].to(device))
+        loss = F.cross_entropy(logits, labels[batch].to(device))
+        if teacher_probs is not None and teacher_weight > 0:
+            loss = loss + teacher_weight * F.kl_div(
+                logits.log_softmax(1), teacher_probs[batch].to(device), reduction="batchmean")
+        return loss
 
     return minimise(optimiser, len(images), epochs, batch_size, seed, batch_loss)
 
