@@ -32,10 +32,11 @@ BENIGN = ClientRole(False, -1, 0)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--weight", type=float, default=1.0)
+    parser.add_argument("run_dir", type=Path, help="a finished run directory (with model.pt)")
+    parser.add_argument("--weight", type=float, default=1.0, help="the client-distill weight")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=10,
+                        help="the run's number of partitions (its SuperNodes); all are timed")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.weight <= 0 or args.repeats < 1 or args.clients < 1:
