@@ -94,6 +94,8 @@ VARIANTS = {
     # agreement_dir_s{0,1}.json also hold `count-unsure`, an option tried and removed)
     "shipped": {},
     "target0.97": {"target_agreement": 0.97},
+    # stop 22: clean agreements stamped with the trigger inverted toward the gate's target
+    **{f"invert-w{w:g}": {"invert_weight": w} for w in (1.0, 3.0)},
 }
 
 

@@ -59,4 +59,8 @@ def bound_settings(config: ExperimentConfig) -> BoundSettings:
                    overrule_rank=config.bounds_overrule_rank,
                    overrule_gate=config.bounds_overrule_gate,
                    excuse_flips=config.bounds_excuse_flips,
-                   unsure_weight=config.bounds_unsure_weight, seed=config.seed)
+                   unsure_weight=config.bounds_unsure_weight,
+                   invert_weight=config.bounds_invert_weight,
+                   invert_share=config.bounds_invert_share,
+                   invert_steps=config.bounds_invert_steps,
+                   invert_mask_weight=config.bounds_invert_mask_weight, seed=config.seed)

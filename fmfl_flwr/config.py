@@ -101,6 +101,13 @@ class ExperimentConfig:
     bounds_excuse_flips: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     # the fidelity weight of the disagreements it does not overrule (fused targets)
     bounds_unsure_weight: float = field(default=1.0, metadata={"min": 0.0})
+    # > 0: once the gate names a target, clean agreements stamped with its inverted trigger
+    # join the fit at this weight (`invert-share` of the reference; Neural Cleanse's steps
+    # and mask penalty)
+    bounds_invert_weight: float = field(default=0.0, metadata={"min": 0.0})
+    bounds_invert_share: float = field(default=0.2, metadata={"min_exclusive": 0.0, "max": 1.0})
+    bounds_invert_steps: int = field(default=200, metadata={"min": 1})
+    bounds_invert_mask_weight: float = field(default=10.0, metadata={"min": 0.0})
     client_bounds: bool = True
     # > 0: clients add this weight times the KL divergence from the served model's softmax
     # on their own data, so training on a few classes forgets less of the others

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -29,6 +30,7 @@ from fmfl_flwr.defense import (
     set_bounds,
     strip_bounds,
 )
+from fmfl_flwr.defense.inversion import invert_trigger
 from fmfl_flwr.defense.objectives import (
     Reference,
     fidelity_reference,
@@ -38,6 +40,7 @@ from fmfl_flwr.defense.objectives import (
 from fmfl_flwr.defense.optimise import _agreement, _verified
 from fmfl_flwr.models import build_model
 from fmfl_flwr.training import train_epochs
+from fmfl_flwr.triggers import Trigger
 
 
 def tiny() -> nn.Module:
@@ -567,3 +570,60 @@ def test_detector_flags_what_the_bounds_clip_with_a_poisoned_reference() -> None
     assert drops.mean() + 2.576 * drops.std() > margin_drop(model, triggered).max()
     with pytest.raises(ValueError, match="detection trim=1.0"):
         TriggerDetector.fit(model, reference, trim=1.0)
+
+
+CORNER = Trigger(torch.zeros(1, 8, 8).index_fill_(1, torch.tensor([0, 1]), 1.0)
+                 * (torch.arange(8) == 7), torch.ones(1, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def backdoored() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """`tiny` trained on `task` with a fifth of classes 1-2 stamped (2 corner pixels) -> 0,
+    and a clean model's logits on the same images: the ensemble that overrules the poison."""
+    images, labels = task(900)
+    poison = (labels != 0) & (torch.arange(len(labels)) % 5 == 0)
+    images[poison], labels[poison] = CORNER.stamp(images[poison]), 0
+    model = tiny()
+    train_epochs(model, images, labels, 6, 64, 0.1, 0, device=torch.device("cpu"))
+    clean = tiny()
+    train_epochs(clean, *task(900), 6, 64, 0.1, 0, device=torch.device("cpu"))
+    with torch.no_grad():
+        ensemble = clean.eval()(images)
+    return model.eval(), images, ensemble
+
+
+def test_inverted_trigger_lands_on_the_backdoor_pixels(backdoored) -> None:
+    model, _, _ = backdoored
+    test_x, test_y = task(300, seed=1)
+    others = test_x[test_y != 0]
+    assert (model(CORNER.stamp(others)).argmax(1) == 0).float().mean() > 0.9
+    found, sent = invert_trigger(model, others, 0, steps=100)
+    assert sent > 0.9
+    assert found.mask[0, :2, 7].min() > 0.5
+    assert (found.mask[0] * (1 - CORNER.mask[0])).max() < 0.25
+
+
+def test_inverted_trigger_shows_the_fit_the_route_the_ensemble_leaves(backdoored) -> None:
+    """Per-unit bounds could cut the corner, but the fit sees only the poison the ensemble
+    overrules; with the inverted trigger stamped on clean agreements it cuts it."""
+    model, images, ensemble = backdoored
+    test_x, test_y = task(300, seed=1)
+    others = test_x[test_y != 0]
+    found = {}
+    for weight in (0.0, 3.0):
+        bounded = attach_bounds(copy.deepcopy(model))
+        settings = BoundSettings(granularity="neuron", invert_weight=weight, invert_steps=100)
+        _, stats = optimise_bounds(bounded, images, torch.zeros(len(images)), ensemble, settings)
+        assert stats["samples"] == len(images)
+        acc = (bounded(test_x).argmax(1) == test_y).float().mean().item()
+        found[weight] = (acc, (bounded(CORNER.stamp(others)).argmax(1) == 0).float().mean())
+    assert stats["inverted-target"] == 0 and stats["inverted-share"] == pytest.approx(0.2)
+    assert found[0.0][1] > 0.5 and found[3.0][1] < 0.1
+    assert found[3.0][0] > 0.95
+
+
+@pytest.mark.parametrize("key, value", [("invert_weight", -1.0), ("invert_share", 0.0),
+                                        ("invert_steps", 0), ("invert_mask_weight", -0.5)])
+def test_inversion_settings_are_checked(key: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"bounds {key.replace('_', '-')}="):
+        BoundSettings(**{key: value})

@@ -30,6 +30,7 @@ from fmfl_flwr.defense.bounds import (
     bounds_disabled,
     set_bounds,
 )
+from fmfl_flwr.defense.inversion import invert_trigger
 from fmfl_flwr.defense.objectives import (
     OVERRULE_RANKS,
     Reference,
@@ -95,6 +96,13 @@ class BoundSettings:
     excuse_flips: float = 0.0
     # fidelity weight of the disagreements neither overruled nor trusted (fused targets)
     unsure_weight: float = 1.0
+    # > 0: once the gate names a target, invert its trigger on the fused model (bounds off)
+    # and add clean agreements stamped with it, their clean targets at this weight
+    # (`inversion.invert_trigger`); `invert_share` of the reference are stamped
+    invert_weight: float = 0.0
+    invert_share: float = 0.2
+    invert_steps: int = 200
+    invert_mask_weight: float = 10.0
     margin_per_class: int = 30  # mmac probes
     margin_steps: int = 100
     prune_max_drop: float = 0.04  # the pruning baseline's allowed reference-accuracy drop
@@ -116,6 +124,16 @@ class BoundSettings:
             raise ValueError(f"bounds excuse-flips={self.excuse_flips!r} must be in [0, 1]")
         if not 0.0 <= self.overrule_gate <= 1.0:
             raise ValueError(f"bounds overrule-gate={self.overrule_gate!r} must be in [0, 1]")
+        if self.invert_weight < 0.0:
+            raise ValueError(f"bounds invert-weight={self.invert_weight!r} must be >= 0")
+        if not 0.0 < self.invert_share <= 1.0:
+            raise ValueError(f"bounds invert-share={self.invert_share!r} must be in (0, 1]")
+        if self.invert_steps < 1:
+            raise ValueError(f"bounds invert-steps={self.invert_steps!r} must be >= 1")
+        if self.invert_mask_weight < 0.0:
+            raise ValueError(
+                f"bounds invert-mask-weight={self.invert_mask_weight!r} must be >= 0"
+            )
         if not 0.0 <= self.class_gate <= 1.0:
             raise ValueError(f"bounds class-gate={self.class_gate!r} must be in [0, 1]")
         if self.overrule_rank not in OVERRULE_RANKS:
@@ -347,6 +365,12 @@ def optimise_bounds(
 
     measured = _agreement_of(bounded_logits.argmax(1), reference, trim, settings.class_gate)
     kept = measured[0]
+    reference_size, overruled_share = len(images), float(reference.overruled.float().mean())
+    # the stamped copies join the fit after the starting agreement, on the reference only
+    inversion: dict[str, float] = {}
+    if settings.invert_weight > 0 and reference.overruled.any():
+        images, reference, inversion = _with_inverted_trigger(
+            model, images, fused_logits, reference, settings, generator)
     # bounds remembered as good, newest last, each with its measured agreement (None: read
     # from the batches of the epoch that ended with them, to be verified before returning)
     good: list[tuple[dict[str, torch.Tensor], Agreement | None]] = []
@@ -417,14 +441,62 @@ def optimise_bounds(
         "c": c,
         "agreement": kept,
         "overruled-agreement": fixed,
-        "overruled-share": float(reference.overruled.float().mean()),
+        "overruled-share": overruled_share,
         "cap-top-class-share": reference.cap_top_class_share,
         "flips-excused-share": reference.flips_excused / len(images),
         "trimmed-share": trim,
         "excused-share": excused,
-        "samples": float(len(images)),
+        "samples": float(reference_size),
         "warm-start": float(warm),
         "verify-passes": float(checks),
         "bound-norm": norm_penalty(list(final.values()), settings.norm).item(),
+        **inversion,
     }
     return final, stats
+
+
+def _with_inverted_trigger(
+    model: nn.Module,
+    images: torch.Tensor,
+    fused_logits: torch.Tensor,
+    reference: Reference,
+    settings: BoundSettings,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, Reference, dict[str, float]]:
+    """`images` and `reference` with clean agreements stamped by the inverted trigger.
+
+    The target is the fused class that fills the overruled cap. The trigger is inverted on
+    clean agreements of the other classes through the fused model, bounds off; a random
+    `invert_share` of the reference (drawn from those agreements) is stamped with it and
+    given its clean target at `invert_weight`. The stamped copies stay out of the
+    agreement count and the overruled set, so `c` and the stats see the reference only.
+    """
+    started = time.perf_counter()
+    classes = fused_logits.argmax(1)
+    target = int(classes[reference.overruled].mode().values)
+    clean = torch.nonzero(reference.keep & (classes != target)).flatten()
+    if len(clean) == 0:
+        return images, reference, {}
+    with bounds_disabled(model):
+        trigger, sent = invert_trigger(
+            model, images[clean], target, settings.invert_steps, settings.invert_mask_weight,
+            seed=settings.seed)
+    count = min(len(clean), max(1, int(settings.invert_share * len(images))))
+    chosen = clean[torch.randperm(len(clean), generator=generator)[:count]]
+    none = torch.zeros(count, dtype=torch.bool)
+    stamped = Reference(
+        torch.cat([reference.target_logits, reference.target_logits[chosen]]),
+        torch.cat([reference.weights, torch.full((count,), settings.invert_weight)]),
+        torch.cat([reference.keep, none]),
+        torch.cat([reference.overruled, none]),
+        reference.flips_excused,
+        reference.cap_top_class_share,
+    )
+    stats = {
+        "inverted-target": float(target),
+        "inverted-sent": sent,
+        "inverted-mask-pixels": float(trigger.mask[0].sum()),
+        "inverted-share": count / len(images),
+        "inversion-time": time.perf_counter() - started,
+    }
+    return torch.cat([images, trigger.stamp(images[chosen])]), stamped, stats
