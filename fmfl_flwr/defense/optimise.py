@@ -443,7 +443,7 @@ def optimise_bounds(
         "overruled-agreement": fixed,
         "overruled-share": overruled_share,
         "cap-top-class-share": reference.cap_top_class_share,
-        "flips-excused-share": reference.flips_excused / len(images),
+        "flips-excused-share": reference.flips_excused / reference_size,
         "trimmed-share": trim,
         "excused-share": excused,
         "samples": float(reference_size),
