@@ -572,8 +572,14 @@ def test_detector_flags_what_the_bounds_clip_with_a_poisoned_reference() -> None
         TriggerDetector.fit(model, reference, trim=1.0)
 
 
-CORNER = Trigger(torch.zeros(1, 8, 8).index_fill_(1, torch.tensor([0, 1]), 1.0)
-                 * (torch.arange(8) == 7), torch.ones(1, 8, 8))
+def corner() -> Trigger:
+    """Two white pixels at the top of the last column, which no class of `task` lights."""
+    mask = torch.zeros(1, 8, 8)
+    mask[0, :2, 7] = 1.0
+    return Trigger(mask, torch.ones(1, 8, 8))
+
+
+CORNER = corner()
 
 
 @pytest.fixture(scope="module")

@@ -148,3 +148,17 @@ def bounds_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in zip(layers, previous, strict=True):
             m.active = flag
+
+
+@contextmanager
+def weights_frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with no parameter requiring gradients, restored after: fits over the
+    bounds or over inputs (a trigger) must leave the weights and their gradients alone."""
+    previous = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in previous:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in previous:
+            p.requires_grad_(flag)

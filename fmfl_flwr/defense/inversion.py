@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fmfl_flwr.defense.bounds import weights_frozen
 from fmfl_flwr.training import seeded_generator
 from fmfl_flwr.triggers import Trigger
 
@@ -44,25 +45,21 @@ def invert_trigger(
     optimiser = torch.optim.Adam([mask_logit, pattern_logit], lr=lr)
     was_training = model.training
     model.eval()
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
     try:
-        for _ in range(steps):
-            batch = images[torch.randint(len(images), (batch_size,), generator=generator)]
-            mask, pattern = mask_logit.sigmoid(), pattern_logit.sigmoid()
-            logits = model(batch * (1 - mask) + pattern * mask)
-            wanted = torch.full((len(batch),), target, dtype=torch.long)
-            loss = F.cross_entropy(logits, wanted) + mask_weight * mask.mean()
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+        with weights_frozen(model):
+            for _ in range(steps):
+                batch = images[torch.randint(len(images), (batch_size,), generator=generator)]
+                mask, pattern = mask_logit.sigmoid(), pattern_logit.sigmoid()
+                logits = model(batch * (1 - mask) + pattern * mask)
+                wanted = torch.full((len(batch),), target, dtype=torch.long)
+                loss = F.cross_entropy(logits, wanted) + mask_weight * mask.mean()
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
         trigger = Trigger(mask_logit.detach().sigmoid().expand(channels, height, width).clone(),
                           pattern_logit.detach().sigmoid())
         with torch.no_grad():
             sent = model(trigger.stamp(images)).argmax(1) == target
     finally:
-        for p, flag in frozen:
-            p.requires_grad_(flag)
         model.train(was_training)
     return trigger, sent.float().mean().item()

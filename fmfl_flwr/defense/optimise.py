@@ -29,6 +29,7 @@ from fmfl_flwr.defense.bounds import (
     bounded_layers,
     bounds_disabled,
     set_bounds,
+    weights_frozen,
 )
 from fmfl_flwr.defense.inversion import invert_trigger
 from fmfl_flwr.defense.objectives import (
@@ -318,15 +319,25 @@ def optimise_bounds(
     weights are never changed. Returns (bounds keyed as in the state dict, stats).
     """
     settings = settings or BoundSettings()
-    started = time.perf_counter()
-    layers = bounded_layers(model)
-    if not layers:
+    if not bounded_layers(model):
         raise ValueError("the model has no bounds; call attach_bounds(model) first")
     del labels  # the synthetic labels may be poisoned: the targets come from the models
+    with weights_frozen(model):
+        return _fit_bounds(model, images, ensemble_logits, settings, warm_start, c)
+
+
+def _fit_bounds(
+    model: nn.Module,
+    images: torch.Tensor,
+    ensemble_logits: torch.Tensor | None,
+    settings: BoundSettings,
+    warm_start: dict[str, torch.Tensor] | None,
+    c: float | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """`optimise_bounds`' fit, its model's weights frozen."""
+    started = time.perf_counter()
+    layers = bounded_layers(model)
     model.eval()
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
     generator = seeded_generator(settings.seed)
     if len(images) > settings.max_samples:
         subset = torch.randperm(len(images), generator=generator)[: settings.max_samples]
@@ -433,8 +444,6 @@ def optimise_bounds(
     final, (kept, fixed, excused), checks = _verified(
         model, images, reference, [(best[1], None), *good], settings, trim
     )
-    for p, flag in frozen:
-        p.requires_grad_(flag)
     stats = {
         "time": time.perf_counter() - started,
         "epochs": float(epochs_run),
