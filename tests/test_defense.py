@@ -184,6 +184,25 @@ def test_warm_fit_skips_the_quantile_pass(trained) -> None:
     assert sum(forwarded) == (2 + 4 + stats["verify-passes"]) * len(images) + 2
 
 
+def test_fit_reports_its_start_and_collapses(trained) -> None:
+    """The stats say where the fit started and how often it collapsed: bounds at every
+    peak start at full agreement, closed bounds near none; a collapse threshold above 1
+    makes every epoch a collapse."""
+    model, images, labels = trained
+    bounded = attach_bounds(tiny())
+    bounded.load_state_dict(model.state_dict(), strict=False)
+    images, labels = images[:300], labels[:300]
+    loose = quantile_bounds(bounded, images, 1.0)
+    closed = {k: torch.zeros_like(v) for k, v in loose.items()}
+    settings = BoundSettings(objective="mm-bm", epochs=3, warm_epochs=3, patience=99)
+    _, stats = optimise_bounds(bounded, images, labels, settings=settings, warm_start=loose)
+    assert stats["start-agreement"] == 1.0
+    _, stats = optimise_bounds(bounded, images, labels, settings=replace(
+        settings, collapse_agreement=1.01), warm_start=closed)
+    assert stats["start-agreement"] < 0.5
+    assert stats["collapses"] == stats["epochs"] == 3.0
+
+
 def test_kept_bounds_are_verified_newest_first(trained) -> None:
     """Bounds read as good from training batches are measured before they are returned:
     a failing newest candidate falls back to an older one that passes, and with none

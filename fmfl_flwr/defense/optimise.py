@@ -375,7 +375,7 @@ def _fit_bounds(
         return {k: v.detach().clone() for k, v in z.items()}
 
     measured = _agreement_of(bounded_logits.argmax(1), reference, trim, settings.class_gate)
-    kept = measured[0]
+    kept = start_agreement = measured[0]
     reference_size, overruled_share = len(images), float(reference.overruled.float().mean())
     # the stamped copies join the fit after the starting agreement, on the reference only
     inversion: dict[str, float] = {}
@@ -389,7 +389,7 @@ def _fit_bounds(
         good.append((snapshot(), measured))
     best = (kept, snapshot())
     previous_norm = norm_penalty(list(z.values()), settings.norm).item()
-    quiet, epochs_run = 0, 0
+    quiet, epochs_run, collapses = 0, 0, 0
     warm = init_kind == "warm"
     for _ in range(min(settings.epochs, settings.warm_epochs) if warm else settings.epochs):
         epochs_run += 1
@@ -421,6 +421,7 @@ def _fit_bounds(
             best = (kept, snapshot())
         if kept < settings.collapse_agreement:
             c *= 0.5
+            collapses += 1
             restore = good[-1][0] if good else best[1]
             with torch.no_grad():
                 for key, value in z.items():
@@ -449,6 +450,8 @@ def _fit_bounds(
         "epochs": float(epochs_run),
         "c": c,
         "agreement": kept,
+        "start-agreement": start_agreement,
+        "collapses": float(collapses),
         "overruled-agreement": fixed,
         "overruled-share": overruled_share,
         "cap-top-class-share": reference.cap_top_class_share,
