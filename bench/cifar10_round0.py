@@ -7,7 +7,9 @@ the poisoned pipeline does to an FM's output. A ResNet-18 (width `--width`) is p
 on it (the server's round 0), then defended with the bounds fitted on D_syn alone: MM-BM (no
 trimming) and the shipped trimmed fit. One clean local epoch on a client's IID share,
 through the served bounds, stands in for round 1. ACC and ASR on the real test set, which
-nothing here trains on. The pre-trained model is cached; the JSON holds every row.
+nothing here trains on, or (`--eval-split validation`, for choosing settings without the
+test set) on as many private training images that neither the pre-training nor the local
+epoch uses. The pre-trained model is cached; the JSON holds every row.
 `--variants` adds trimmed fits with other settings (`field=value,...` of `BoundSettings`),
 each followed by its own local epoch.
 
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--poison-ratio", type=float, default=0.2)
     parser.add_argument("--local-size", type=int, default=5000)
     parser.add_argument("--test-size", type=int, default=10000)
+    parser.add_argument("--eval-split", choices=("test", "validation"), default="test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="*", default=[],
                         help="extra trimmed fits, each 'field=value,...' of BoundSettings")
@@ -65,11 +68,16 @@ def main() -> None:
     trigger = badnets(data.image_shape)
     syn_x, syn_y, _ = poison_samples(to_float(data.train_x[public]), train_y[public], trigger,
                                      args.poison_ratio, TARGET, args.seed)
-    local = private[torch.randperm(len(private), generator=torch.Generator().manual_seed(
-        args.seed))[: args.local_size]]
+    shuffled = private[torch.randperm(len(private), generator=torch.Generator().manual_seed(
+        args.seed))]
+    local = shuffled[: args.local_size]
     local_x, local_y = to_float(data.train_x[local]), train_y[local]
-    test_x = to_float(data.test_x[: args.test_size])
-    test_y = torch.as_tensor(data.test_y[: args.test_size])
+    if args.eval_split == "test":
+        test_x = to_float(data.test_x[: args.test_size])
+        test_y = torch.as_tensor(data.test_y[: args.test_size])
+    else:  # the private images after the local epoch's: never trained on
+        held_out = shuffled[args.local_size : args.local_size + args.test_size]
+        test_x, test_y = to_float(data.train_x[held_out]), train_y[held_out]
 
     def fresh() -> nn.Module:
         torch.manual_seed(args.seed)
