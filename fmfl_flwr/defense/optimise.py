@@ -11,8 +11,6 @@ agreement is read from its own training batches (every sample once, before its s
 saves the separate pass that cost a quarter of an epoch; since the bounds move within the
 epoch, the bounds remembered as good are verified by a real pass before they are returned,
 newest first, falling back to older ones while they fail (docs/defense.md, "Cost control").
-Last round's bounds start the fit (warm start) unless they start it below the collapse
-threshold: then fusion has moved the model past them, and the fit starts afresh.
 """
 
 from __future__ import annotations
@@ -371,16 +369,7 @@ def _fit_bounds(
     )
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     measured = _agreement_of(bounded_logits.argmax(1), reference, trim, settings.class_gate)
-    start_agreement = measured[0]
-    dropped = init_kind == "warm" and start_agreement < settings.collapse_agreement
-    if dropped:  # fusion moved the model past last round's bounds: a fresh init, c and epochs
-        initial, init_kind = _initial_bounds(model, images, settings, None)
-        with torch.no_grad():
-            for key, value in z.items():
-                value.copy_(initial[key])
-        measured = _agreement(model, images, reference, trim, settings.class_gate)
-        c = None
-    kept = measured[0]
+    kept = start_agreement = measured[0]
     optimiser = torch.optim.Adam(list(z.values()), lr=settings.lr)
     c = settings.c0 if c is None else c
 
@@ -471,7 +460,6 @@ def _fit_bounds(
         "excused-share": excused,
         "samples": float(reference_size),
         "warm-start": float(warm),
-        "warm-dropped": float(dropped),
         "verify-passes": float(checks),
         "bound-norm": norm_penalty(list(final.values()), settings.norm).item(),
         **inversion,
