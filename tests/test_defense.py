@@ -186,8 +186,8 @@ def test_warm_fit_skips_the_quantile_pass(trained) -> None:
 
 def test_fit_reports_its_start_and_collapses(trained) -> None:
     """The stats say where the fit started and how often it collapsed: bounds at every
-    peak start at full agreement; a collapse threshold above 1 makes every epoch a
-    collapse."""
+    peak start at full agreement, closed ones near none; a collapse threshold above 1
+    makes every epoch a collapse."""
     model, images, labels = trained
     bounded = attach_bounds(tiny())
     bounded.load_state_dict(model.state_dict(), strict=False)
@@ -197,6 +197,9 @@ def test_fit_reports_its_start_and_collapses(trained) -> None:
     _, stats = optimise_bounds(bounded, images, labels, settings=settings, warm_start=loose)
     assert stats["start-agreement"] == 1.0
     assert stats["warm-start"] == 1.0
+    closed = {k: torch.zeros_like(v) for k, v in loose.items()}
+    _, stats = optimise_bounds(bounded, images, labels, settings=settings, warm_start=closed)
+    assert stats["start-agreement"] < 0.5
     _, stats = optimise_bounds(bounded, images, labels,
                                settings=replace(settings, collapse_agreement=1.01))
     assert stats["collapses"] == stats["epochs"] == 3.0
