@@ -96,6 +96,9 @@ VARIANTS = {
     "target0.97": {"target_agreement": 0.97},
     # stop 22: clean agreements stamped with the trigger inverted toward the gate's target
     **{f"invert-w{w:g}": {"invert_weight": w} for w in (1.0, 3.0)},
+    # stop 24: the agreements in the gate's class out of the agreement count, at a weight
+    **{f"gate-class-w{w:g}": {"gate_class_weight": w} for w in (0.0, 0.3)},
+    "excuse-flips0.5": {"excuse_flips": 0.5},
 }
 
 

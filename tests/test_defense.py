@@ -471,6 +471,29 @@ def test_excused_flips_leave_the_fit_only_when_one_class_holds_them() -> None:
         BoundSettings(excuse_flips=1.5)
 
 
+def test_gate_class_agreements_leave_the_count_at_their_weight() -> None:
+    """With `gate_class_weight` < 1 the agreements in the class that fills the overruled
+    cap (0, 1 in class 0) leave `keep` and weigh that much; the other class's agreements
+    and the overruled samples are untouched; with the gate closed nothing is spared."""
+    fused = torch.tensor([[5.0, 0, 0], [4, 0, 0], [3, 0, 0], [1, 0.5, 0], [0, 5, 0],
+                          [0, 4, 0]])
+    ensemble = torch.nn.functional.one_hot(torch.tensor([0, 0, 1, 2, 1, 1]), 3).float()
+    plain = fidelity_reference("ensemble-switch", fused, ensemble, 3.0)
+    spared = fidelity_reference("ensemble-switch", fused, ensemble, 3.0, gate_class_weight=0.3)
+    assert spared.weights.tolist() == pytest.approx([0.3, 0.3, 3.0, 3.0, 1.0, 1.0])
+    assert spared.keep.tolist() == [False, False, False, False, True, True]
+    assert plain.keep.tolist() == [True, True, False, False, True, True]
+    assert spared.gate_class_spared == 2 and plain.gate_class_spared == 0
+    assert torch.equal(spared.overruled, plain.overruled)
+    assert torch.equal(spared.target_logits, plain.target_logits)
+    mixed = torch.nn.functional.one_hot(torch.tensor([0, 0, 1, 2, 0, 1]), 3).float()
+    closed = fidelity_reference("ensemble-switch", fused, mixed, 3.0, overrule_gate=0.7,
+                                gate_class_weight=0.0)
+    assert closed.keep.all() and closed.gate_class_spared == 0
+    with pytest.raises(ValueError, match="gate-class-weight=1.5"):
+        BoundSettings(gate_class_weight=1.5)
+
+
 def test_gate_trims_only_worst_fitted_of_one_class() -> None:
     classes = torch.tensor([0, 1, 1, 2, 1, 0])
     candidates = torch.tensor([1, 2, 3, 4])  # classes 1, 1, 2, 1: class 1 holds 3 of 4

@@ -44,6 +44,8 @@ class Reference:
     flips_excused: int = 0
     # how much of the capped disagreements one fused class holds (what the gate tests)
     cap_top_class_share: float = float("nan")
+    # agreements in the class the gate names, taken out of `keep` (`gate_class_weight`)
+    gate_class_spared: int = 0
 
 
 def top_class_share(candidates: torch.Tensor, classes: torch.Tensor) -> float:
@@ -80,6 +82,7 @@ def fidelity_reference(
     bounded_logits: torch.Tensor | None = None,
     excuse_flips: float = 0.0,
     overrule_gate: float = 0.0,
+    gate_class_weight: float = 1.0,
 ) -> Reference:
     """Targets and weights of `objective`; without an ensemble every objective is MM-BM's.
 
@@ -101,7 +104,10 @@ def fidelity_reference(
     fused class, and only that class's (`one_class_share`): poison the ensemble shares,
     sent to one target, whose trigger those bounds already cut and which the fused targets
     would otherwise reopen. A clean D_syn's flips, the bounds' own errors, spread over the
-    classes and stay, so the errors cannot pile up round after round.
+    classes and stay, so the errors cannot pile up round after round. With
+    `gate_class_weight` < 1, the agreements in the class that fills the overruled cap (the
+    backdoor's target once the gate passes) leave `keep` and weigh that much: poison the
+    ensemble shares sits there, and fidelity to it would restore the backdoor.
     """
     if objective not in OBJECTIVES:
         raise ValueError(
@@ -131,12 +137,17 @@ def fidelity_reference(
         flipped = torch.nonzero(flipped_agreements(agree, fused_logits, bounded_logits)).flatten()
         excused = one_class_share(flipped, fused_classes, excuse_flips)
         agree[excused], unsure[excused] = False, 0.0
+    spared = torch.zeros_like(agree)
+    if gate_class_weight < 1.0 and len(capped):
+        spared = agree & (fused_classes == fused_classes[capped].mode().values)
+        agree, unsure = agree & ~spared, torch.where(spared, float(gate_class_weight), unsure)
+    found = (len(excused), concentration, int(spared.sum()))
     if objective == "agree":
         return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled,
-                         len(excused), concentration)
+                         *found)
     targets = torch.where(overruled[:, None], ensemble_logits, fused_logits)
     weights = torch.where(overruled, float(disagree_weight), unsure)
-    return Reference(targets, weights, agree, overruled, len(excused), concentration)
+    return Reference(targets, weights, agree, overruled, *found)
 
 
 def flipped_agreements(agree: torch.Tensor, fused_logits: torch.Tensor,

@@ -95,6 +95,9 @@ class BoundSettings:
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the ensemble shares; `fidelity_reference`)
     excuse_flips: float = 0.0
+    # < 1: the agreements in the class the gate names leave the agreement count and weigh
+    # this much in the fit (`fidelity_reference`); 1 treats them as any agreement
+    gate_class_weight: float = 1.0
     # fidelity weight of the disagreements neither overruled nor trusted (fused targets)
     unsure_weight: float = 1.0
     # > 0: once the gate names a target, invert its trigger on the fused model (bounds off)
@@ -123,6 +126,10 @@ class BoundSettings:
             raise ValueError(f"bounds overrule-cap={self.overrule_cap!r} must be in (0, 1]")
         if not 0.0 <= self.excuse_flips <= 1.0:
             raise ValueError(f"bounds excuse-flips={self.excuse_flips!r} must be in [0, 1]")
+        if not 0.0 <= self.gate_class_weight <= 1.0:
+            raise ValueError(
+                f"bounds gate-class-weight={self.gate_class_weight!r} must be in [0, 1]"
+            )
         if not 0.0 <= self.overrule_gate <= 1.0:
             raise ValueError(f"bounds overrule-gate={self.overrule_gate!r} must be in [0, 1]")
         if self.invert_weight < 0.0:
@@ -366,6 +373,7 @@ def _fit_bounds(
         settings.objective, fused_logits, ensemble_logits, settings.disagree_weight,
         settings.class_gate, settings.overrule_cap, settings.unsure_weight,
         settings.overrule_rank, bounded_logits, settings.excuse_flips, settings.overrule_gate,
+        settings.gate_class_weight,
     )
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     measured = _agreement_of(bounded_logits.argmax(1), reference, trim, settings.class_gate)
@@ -456,6 +464,7 @@ def _fit_bounds(
         "overruled-share": overruled_share,
         "cap-top-class-share": reference.cap_top_class_share,
         "flips-excused-share": reference.flips_excused / reference_size,
+        "gate-class-spared-share": reference.gate_class_spared / reference_size,
         "trimmed-share": trim,
         "excused-share": excused,
         "samples": float(reference_size),
