@@ -59,6 +59,7 @@ def bound_settings(config: ExperimentConfig) -> BoundSettings:
                    overrule_rank=config.bounds_overrule_rank,
                    overrule_gate=config.bounds_overrule_gate,
                    excuse_flips=config.bounds_excuse_flips,
+                   gate_class_weight=config.bounds_gate_class_weight,
                    unsure_weight=config.bounds_unsure_weight,
                    invert_weight=config.bounds_invert_weight,
                    invert_share=config.bounds_invert_share,
