@@ -99,6 +99,12 @@ VARIANTS = {
     # stop 24: the agreements in the gate's class out of the agreement count, at a weight
     **{f"gate-class-w{w:g}": {"gate_class_weight": w} for w in (0.0, 0.3)},
     "excuse-flips0.5": {"excuse_flips": 0.5},
+    # stop 24, CIFAR-10: the ensemble overrules more of the disagreements (gate off), the
+    # overruled weigh more, more steps per epoch, an agreement target the warm fit can meet
+    **{f"cap{cap:g}-gate0": {"overrule_cap": cap, "overrule_gate": 0.0} for cap in (0.5, 1.0)},
+    "disagree-w10": {"disagree_weight": 10.0},
+    "batch50": {"batch_size": 50},
+    "target0.75": {"target_agreement": 0.75, "collapse_agreement": 0.6},
 }
 
 
