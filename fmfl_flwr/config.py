@@ -101,7 +101,7 @@ class ExperimentConfig:
     bounds_excuse_flips: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     # < 1: the agreements in the class the gate names leave the agreement count and weigh
     # this much in the fit (the poison the client ensemble shares sits there)
-    bounds_gate_class_weight: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})
+    bounds_gate_class_weight: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     # the fidelity weight of the disagreements it does not overrule (fused targets)
     bounds_unsure_weight: float = field(default=1.0, metadata={"min": 0.0})
     # > 0: once the gate names a target, clean agreements stamped with its inverted trigger

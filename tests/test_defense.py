@@ -653,23 +653,29 @@ def test_inverted_trigger_lands_on_the_backdoor_pixels(backdoored) -> None:
     assert (found.mask[0] * (1 - CORNER.mask[0])).max() < 0.25
 
 
-def test_inverted_trigger_shows_the_fit_the_route_the_ensemble_leaves(backdoored) -> None:
-    """Per-unit bounds could cut the corner, but the fit sees only the poison the ensemble
-    overrules; with the inverted trigger stamped on clean agreements it cuts it."""
+def test_the_fit_cuts_the_route_once_the_gate_class_is_not_held(backdoored) -> None:
+    """Per-unit bounds could cut the corner, but a fit held to the target class's
+    agreements (`gate_class_weight=1`) sees only the poison the ensemble overrules; with
+    the inverted trigger stamped on clean agreements, or with those agreements out of the
+    count (the shipped 0), it cuts it at the same clean accuracy."""
     model, images, ensemble = backdoored
     test_x, test_y = task(300, seed=1)
     others = test_x[test_y != 0]
     found = {}
-    for weight in (0.0, 3.0):
+    for gate_class_weight, invert_weight in ((1.0, 0.0), (1.0, 3.0), (0.0, 0.0)):
         bounded = attach_bounds(copy.deepcopy(model))
-        settings = BoundSettings(granularity="neuron", invert_weight=weight, invert_steps=100)
+        settings = BoundSettings(granularity="neuron", invert_weight=invert_weight,
+                                 invert_steps=100, gate_class_weight=gate_class_weight)
         _, stats = optimise_bounds(bounded, images, torch.zeros(len(images)), ensemble, settings)
         assert stats["samples"] == len(images)
         acc = (bounded(test_x).argmax(1) == test_y).float().mean().item()
-        found[weight] = (acc, (bounded(CORNER.stamp(others)).argmax(1) == 0).float().mean())
-    assert stats["inverted-target"] == 0 and stats["inverted-share"] == pytest.approx(0.2)
-    assert found[0.0][1] > 0.5 and found[3.0][1] < 0.1
-    assert found[3.0][0] > 0.95
+        found[gate_class_weight, invert_weight] = (
+            acc, (bounded(CORNER.stamp(others)).argmax(1) == 0).float().mean().item(),
+            stats.get("inverted-share"), stats["gate-class-spared-share"])
+    assert found[1.0, 3.0][2] == pytest.approx(0.2)
+    assert found[1.0, 0.0][1] > 0.5 and found[1.0, 3.0][1] < 0.1 and found[0.0, 0.0][1] < 0.1
+    assert found[1.0, 3.0][0] > 0.95 and found[0.0, 0.0][0] > 0.95
+    assert found[0.0, 0.0][3] > 0 and found[1.0, 0.0][3] == 0
 
 
 @pytest.mark.parametrize("key, value", [("invert_weight", -1.0), ("invert_share", 0.0),

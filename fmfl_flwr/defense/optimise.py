@@ -96,8 +96,9 @@ class BoundSettings:
     # them sit in one fused class (poison the ensemble shares; `fidelity_reference`)
     excuse_flips: float = 0.0
     # < 1: the agreements in the class the gate names leave the agreement count and weigh
-    # this much in the fit (`fidelity_reference`); 1 treats them as any agreement
-    gate_class_weight: float = 1.0
+    # this much in the fit (`fidelity_reference`); 1 treats them as any agreement. 0 cut
+    # ASR in every FM-attack cell rerun at the same ACC (docs/defense.md, stop 24)
+    gate_class_weight: float = 0.0
     # fidelity weight of the disagreements neither overruled nor trusted (fused targets)
     unsure_weight: float = 1.0
     # > 0: once the gate names a target, invert its trigger on the fused model (bounds off)
