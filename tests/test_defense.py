@@ -671,8 +671,9 @@ def test_the_fit_cuts_the_route_once_the_gate_class_is_not_held(backdoored) -> N
         acc = (bounded(test_x).argmax(1) == test_y).float().mean().item()
         found[gate_class_weight, invert_weight] = (
             acc, (bounded(CORNER.stamp(others)).argmax(1) == 0).float().mean().item(),
-            stats.get("inverted-share"), stats["gate-class-spared-share"])
-    assert found[1.0, 3.0][2] == pytest.approx(0.2)
+            stats.get("inverted-share"), stats["gate-class-spared-share"],
+            stats.get("inverted-target"))
+    assert found[1.0, 3.0][2] == pytest.approx(0.2) and found[1.0, 3.0][4] == 0
     assert found[1.0, 0.0][1] > 0.5 and found[1.0, 3.0][1] < 0.1 and found[0.0, 0.0][1] < 0.1
     assert found[1.0, 3.0][0] > 0.95 and found[0.0, 0.0][0] > 0.95
     assert found[0.0, 0.0][3] > 0 and found[1.0, 0.0][3] == 0

@@ -97,7 +97,8 @@ class BoundSettings:
     excuse_flips: float = 0.0
     # < 1: the agreements in the class the gate names leave the agreement count and weigh
     # this much in the fit (`fidelity_reference`); 1 treats them as any agreement. 0 cut
-    # ASR in every FM-attack cell rerun at the same ACC (docs/defense.md, stop 24)
+    # ASR in 14 of the 15 FM-attack rounds rerun, at a cost of 1.9 ACC points in one
+    # Dirichlet seed (docs/defense.md, "The agreements in the gate's class")
     gate_class_weight: float = 0.0
     # fidelity weight of the disagreements neither overruled nor trusted (fused targets)
     unsure_weight: float = 1.0
