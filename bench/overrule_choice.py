@@ -31,14 +31,18 @@ D_syn of the same seed).
     python bench/overrule_choice.py --set partition="'dirichlet'" seed=1 fm-attack="'none'" \
         defense="'none'" --rounds 3 --variants \
         --out bench/results/ensemble_gap_dir_s1_clean_none.json
-    # stop 24: the CIFAR-10 census and single-fit variants (the Flower cell's settings)
+    # stop 24: the CIFAR-10 census and single-fit variants (the Flower cell's settings),
+    # recorded while the gate-class weight was 1 (the rows' "shipped"), hence the --set
     python bench/overrule_choice.py --set dataset="'cifar10'" model="'resnet18'" \
-        model-width=16 data-fraction=0.5 --rounds 3 --variants shipped gate-class-w0 \
+        model-width=16 data-fraction=0.5 bounds-gate-class-weight=1.0 --rounds 3 \
+        --variants shipped gate-class-w0 \
         gate-class-w0.3 excuse-flips0.5 --out bench/results/gate_class_cifar10_iid_s0.json
     python bench/overrule_choice.py --set dataset="'cifar10'" model="'resnet18'" \
-        model-width=16 data-fraction=0.5 --rounds 3 --variants cap0.5-gate0 cap1-gate0 \
+        model-width=16 data-fraction=0.5 bounds-gate-class-weight=1.0 --rounds 3 \
+        --variants cap0.5-gate0 cap1-gate0 \
         disagree-w10 batch50 target0.75 --out bench/results/fit_variants_cifar10_iid_s0.json
-    python bench/overrule_choice.py --set partition="'dirichlet'" seed=0 --rounds 3 \
+    python bench/overrule_choice.py --set partition="'dirichlet'" seed=0 \
+        bounds-gate-class-weight=1.0 --rounds 3 \
         --variants shipped gate-class-w0 disagree-w10 batch50 cap1-gate0 \
         --out bench/results/fit_variants_fashion_dir_s0.json
 """
