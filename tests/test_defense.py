@@ -669,14 +669,13 @@ def test_the_fit_cuts_the_route_once_the_gate_class_is_not_held(backdoored) -> N
         _, stats = optimise_bounds(bounded, images, torch.zeros(len(images)), ensemble, settings)
         assert stats["samples"] == len(images)
         acc = (bounded(test_x).argmax(1) == test_y).float().mean().item()
-        found[gate_class_weight, invert_weight] = (
-            acc, (bounded(CORNER.stamp(others)).argmax(1) == 0).float().mean().item(),
-            stats.get("inverted-share"), stats["gate-class-spared-share"],
-            stats.get("inverted-target"))
-    assert found[1.0, 3.0][2] == pytest.approx(0.2) and found[1.0, 3.0][4] == 0
-    assert found[1.0, 0.0][1] > 0.5 and found[1.0, 3.0][1] < 0.1 and found[0.0, 0.0][1] < 0.1
-    assert found[1.0, 3.0][0] > 0.95 and found[0.0, 0.0][0] > 0.95
-    assert found[0.0, 0.0][3] > 0 and found[1.0, 0.0][3] == 0
+        asr = (bounded(CORNER.stamp(others)).argmax(1) == 0).float().mean().item()
+        found[gate_class_weight, invert_weight] = {"acc": acc, "asr": asr, **stats}
+    held, inverted, spared = found[1.0, 0.0], found[1.0, 3.0], found[0.0, 0.0]
+    assert inverted["inverted-share"] == pytest.approx(0.2) and inverted["inverted-target"] == 0
+    assert held["asr"] > 0.5 and inverted["asr"] < 0.1 and spared["asr"] < 0.1
+    assert inverted["acc"] > 0.95 and spared["acc"] > 0.95
+    assert spared["gate-class-spared-share"] > 0 and held["gate-class-spared-share"] == 0
 
 
 @pytest.mark.parametrize("key, value", [("invert_weight", -1.0), ("invert_share", 0.0),

@@ -141,13 +141,14 @@ def fidelity_reference(
     if gate_class_weight < 1.0 and len(capped):
         spared = agree & (fused_classes == fused_classes[capped].mode().values)
         agree, unsure = agree & ~spared, torch.where(spared, float(gate_class_weight), unsure)
-    found = (len(excused), concentration, int(spared.sum()))
+    found = {"flips_excused": len(excused), "cap_top_class_share": concentration,
+             "gate_class_spared": int(spared.sum())}
     if objective == "agree":
         return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled,
-                         *found)
+                         **found)
     targets = torch.where(overruled[:, None], ensemble_logits, fused_logits)
     weights = torch.where(overruled, float(disagree_weight), unsure)
-    return Reference(targets, weights, agree, overruled, *found)
+    return Reference(targets, weights, agree, overruled, **found)
 
 
 def flipped_agreements(agree: torch.Tensor, fused_logits: torch.Tensor,
