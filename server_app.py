@@ -99,6 +99,18 @@ def defense_step(config: ExperimentConfig, dataset, model_fn, syn, fusion: Fusio
     )
 
 
+def server_steps(config: ExperimentConfig, dataset, model_fn, syn):
+    """FM-FL fusion (None without it) and the post-fusion defense (None for "none").
+
+    Each reads the other's latest output: the defense the ensemble logits fusion computed,
+    fusion (with `distill-relabel-target`) the target the defense's gate named.
+    """
+    fusion = Fusion(model_fn, *syn, fusion_settings(config),
+                    target_source=lambda: defense.named_target) if config.fusion else None
+    defense = defense_step(config, dataset, model_fn, syn, fusion)
+    return fusion, defense
+
+
 def pretrain_and_defend(model: torch.nn.Module, syn, settings, defense) -> float:
     """Round 0: pre-train on D_syn, then defend the result before any client receives it.
 
@@ -115,11 +127,11 @@ def pretrain_and_defend(model: torch.nn.Module, syn, settings, defense) -> float
     return seconds
 
 
-def defense_metrics(defense, server_round: int) -> dict[str, float]:
-    """The defense's stats for `server_round`, as `defense-<stat>` columns."""
-    for entry in reversed(getattr(defense, "history", [])):
+def step_metrics(step, server_round: int, prefix: str) -> dict[str, float]:
+    """A server step's stats for `server_round`, as `<prefix>-<stat>` columns."""
+    for entry in reversed(getattr(step, "history", [])):
         if entry.get("round") == server_round:
-            return {f"defense-{k}": v for k, v in entry.items() if k != "round"}
+            return {f"{prefix}-{k}": v for k, v in entry.items() if k != "round"}
     return {}
 
 
@@ -149,8 +161,7 @@ def main(grid: Grid, context: Context) -> None:
     seed_everything(config.seed)
     model = model_fn()
     settings = fusion_settings(config)
-    fusion = Fusion(model_fn, *syn, settings) if config.fusion else None
-    defense = defense_step(config, dataset, model_fn, syn, fusion)
+    fusion, defense = server_steps(config, dataset, model_fn, syn)
     pretrain_time = 0.0
     if resumed:
         ensure_bounds_for_state(model, resumed["state"]).load_state_dict(resumed["state"])
@@ -182,7 +193,8 @@ def main(grid: Grid, context: Context) -> None:
         if server_round == 0:
             row["pretrain-time"] = pretrain_time
         row.update(strategy.round_info.get(server_round, {}))
-        row.update(defense_metrics(defense, server_round))
+        row.update(step_metrics(fusion, server_round, "fusion"))
+        row.update(step_metrics(defense, server_round, "defense"))
         if server_round > 0 and strategy.last_evaluate is not None:
             row["client-acc"] = strategy.last_evaluate.get("local-acc", float("nan"))
         # Checkpoint first: metrics.csv never shows a round the checkpoint lacks.

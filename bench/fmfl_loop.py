@@ -29,16 +29,15 @@ from fmfl_flwr.cli import app_defaults, parse_overrides
 from fmfl_flwr.client_update import ClientRole, client_update
 from fmfl_flwr.data import load_dataset, to_float
 from fmfl_flwr.defense import load_state_with_bounds
-from fmfl_flwr.fusion import Fusion
 from fmfl_flwr.metrics import acc_and_asr
 from fmfl_flwr.models import build_model
 from fmfl_flwr.partition import client_indices
 from fmfl_flwr.training import predict_logits
 from server_app import (
-    defense_metrics,
-    defense_step,
     pretrain_and_defend,
     seed_everything,
+    server_steps,
+    step_metrics,
     synthetic_data,
 )
 
@@ -85,13 +84,12 @@ def main() -> None:
     trigger = attacks.evaluation_trigger(config, dataset.image_shape)
     model = model_fn()
     settings = fusion_settings(config)
-    fusion = Fusion(model_fn, *syn, settings) if config.fusion else None
-    defense = defense_step(config, dataset, model_fn, syn, fusion)
+    fusion, defense = server_steps(config, dataset, model_fn, syn)
     if config.fusion:
         pretrain_and_defend(model, syn, settings, defense)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rows = [{"round": 0, **acc_and_asr(model, test_x, test_y, trigger, config.target_label),
-             **defense_metrics(defense, 0)}]
+             **step_metrics(defense, 0, "defense")}]
     print(rows[-1], flush=True)
     rng = np.random.default_rng(config.seed)
     per_round = max(2, int(args.clients * config.fraction_train))
@@ -116,7 +114,8 @@ def main() -> None:
             t = time.perf_counter()
             state = defense(server_round, state, states, weights)
             row["defense-time"] = time.perf_counter() - t
-            row.update(defense_metrics(defense, server_round))
+            row.update(step_metrics(fusion, server_round, "fusion"))
+            row.update(step_metrics(defense, server_round, "defense"))
         row["round-time"] = time.perf_counter() - started
         model = load_state_with_bounds(model_fn(), state)
         row.update(acc_and_asr(model, test_x, test_y, trigger, config.target_label))

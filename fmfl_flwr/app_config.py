@@ -42,7 +42,8 @@ def fusion_settings(config: ExperimentConfig) -> FusionSettings:
     """FM-FL fusion's knobs of a run config."""
     return FusionSettings(config.pretrain_epochs, config.distill_epochs, config.distill_alpha,
                           config.distill_tau, config.distill_lr, config.distill_batch_size,
-                          config.seed, through_bounds=config.distill_bounds)
+                          config.seed, through_bounds=config.distill_bounds,
+                          relabel_target=config.distill_relabel_target)
 
 
 def bound_settings(config: ExperimentConfig) -> BoundSettings:

@@ -67,6 +67,8 @@ class ExperimentConfig:
     distill_lr: float = field(default=0.001, metadata={"min_exclusive": 0.0})
     distill_batch_size: int = field(default=64, metadata={"min": 1})
     distill_bounds: bool = False  # fusion distils with the served bounds off (docs/defense.md)
+    # fusion relabels the named target's disputed D_syn labels (docs/defense.md)
+    distill_relabel_target: bool = False
     defense: str = "activation-bounds"  # checked against the registry (fmfl_flwr.app_config)
     # activation-bounds knobs (fmfl_flwr.defense.BoundSettings; docs/defense.md)
     bounds_objective: str = field(default="ensemble-switch", metadata=_choices(
@@ -166,6 +168,12 @@ class ExperimentConfig:
             raise ConfigError(
                 f"fm-attack={self.fm_attack!r} needs fusion=true: the FM only reaches the "
                 "model through FM-FL pre-training and fusion"
+            )
+        if self.distill_relabel_target and (not self.fusion or self.defense != "activation-bounds"):
+            raise ConfigError(
+                "distill-relabel-target=true needs fusion=true and defense='activation-bounds' "
+                f"(the defense whose overrule gate names the target); got fusion={self.fusion}, "
+                f"defense={self.defense!r}"
             )
 
     def to_run_config(self) -> dict[str, Any]:

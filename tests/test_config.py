@@ -55,6 +55,14 @@ def test_fm_attack_needs_fusion():
         ExperimentConfig.from_run_config({"fusion": False})  # the default FM attack is on
 
 
+@pytest.mark.parametrize("setting", [{"defense": "none"}, {"defense": "mm-bm"},
+                                     {"fusion": False, "fm-attack": "none"}])
+def test_relabelling_the_target_needs_fusion_and_the_gated_defense(setting):
+    with pytest.raises(ConfigError, match="distill-relabel-target=true needs fusion=true and "
+                                          "defense='activation-bounds'"):
+        ExperimentConfig.from_run_config({"distill-relabel-target": True, **setting})
+
+
 def test_int_lists():
     assert parse_int_list("k", "1, 3-5,8") == [1, 3, 4, 5, 8]
     assert parse_int_list("k", "") == []

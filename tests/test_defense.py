@@ -38,8 +38,9 @@ from fmfl_flwr.defense.objectives import (
     trimmed_weights,
 )
 from fmfl_flwr.defense.optimise import _agreement, _verified
+from fmfl_flwr.fusion import FusionSettings, distill, relabel_disputed
 from fmfl_flwr.models import build_model
-from fmfl_flwr.training import train_epochs
+from fmfl_flwr.training import predict_logits, train_epochs
 from fmfl_flwr.triggers import Trigger
 
 
@@ -626,13 +627,19 @@ def corner() -> Trigger:
 CORNER = corner()
 
 
-@pytest.fixture(scope="module")
-def backdoored() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """`tiny` trained on `task` with a fifth of classes 1-2 stamped (2 corner pixels) -> 0,
-    and a clean model's logits on the same images: the ensemble that overrules the poison."""
-    images, labels = task(900)
+def poisoned_task(n: int = 900) -> tuple[torch.Tensor, torch.Tensor]:
+    """`task` with a fifth of classes 1-2 stamped (2 corner pixels) and labelled 0."""
+    images, labels = task(n)
     poison = (labels != 0) & (torch.arange(len(labels)) % 5 == 0)
     images[poison], labels[poison] = CORNER.stamp(images[poison]), 0
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def backdoored() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """`tiny` trained on `poisoned_task`, and a clean model's logits on the same images:
+    the ensemble that overrules the poison."""
+    images, labels = poisoned_task()
     model = tiny()
     train_epochs(model, images, labels, 6, 64, 0.1, 0, device=torch.device("cpu"))
     clean = tiny()
@@ -676,6 +683,49 @@ def test_the_fit_cuts_the_route_once_the_gate_class_is_not_held(backdoored) -> N
     assert held["asr"] > 0.5 and inverted["asr"] < 0.1 and spared["asr"] < 0.1
     assert inverted["acc"] > 0.95 and spared["acc"] > 0.95
     assert spared["gate-class-spared-share"] > 0 and held["gate-class-spared-share"] == 0
+    assert held["gate-class"] == spared["gate-class"] == 0  # the gate names the target
+
+
+def test_fusion_on_relabelled_targets_unlearns_the_trigger(backdoored) -> None:
+    """Distilling the backdoored model on D_syn keeps the corner trigger while the CE term
+    holds the poisoned labels; with the target's labels the ensemble disputes set to its
+    class (`distill-relabel-target`), the same distillation removes it."""
+    model, images, ensemble = backdoored
+    _, labels = poisoned_task()
+    test_x, test_y = task(300, seed=1)
+    others = test_x[test_y != 0]
+    relabelled, changed = relabel_disputed(labels, ensemble, target=0)
+    assert changed >= (labels == 0).sum() - (task(900)[1] == 0).sum()  # the poison at least
+    found = {}
+    for name, distil_labels in (("poisoned", labels), ("relabelled", relabelled)):
+        student = copy.deepcopy(model)
+        distill(student, ensemble, images, distil_labels,
+                FusionSettings(epochs=3, alpha=0.9, lr=0.01), round_seed=1)
+        student.eval()
+        found[name] = {
+            "acc": (student(test_x).argmax(1) == test_y).float().mean().item(),
+            "asr": (student(CORNER.stamp(others)).argmax(1) == 0).float().mean().item()}
+    assert found["poisoned"]["asr"] > 0.5 and found["relabelled"]["asr"] < 0.1
+    assert found["relabelled"]["acc"] > 0.95
+
+
+def test_bounds_step_keeps_the_target_its_gate_named(trained) -> None:
+    """A round whose gate names a class makes it the step's `named_target`; a later round
+    that overrules nothing (`gate-class` -1) leaves it named."""
+    model, images, labels = trained
+    fused = predict_logits(model, images)
+    others = torch.nn.functional.one_hot((fused.argmax(1) + 1) % 3, 3).float() * 5
+    teachers = [others, fused]
+    step = make_defense("activation-bounds", tiny, images, labels,
+                        BoundSettings(epochs=0, max_samples=300, overrule_gate=0.0),
+                        ensemble_source=lambda: teachers[0])
+    assert step.named_target is None
+    step(1, model.state_dict(), [], [])
+    first = step.history[0]["gate-class"]
+    assert first >= 0 and step.named_target == int(first)
+    teachers.pop(0)
+    step(2, model.state_dict(), [], [])
+    assert step.history[1]["gate-class"] == -1 and step.named_target == int(first)
 
 
 @pytest.mark.parametrize("key, value", [("invert_weight", -1.0), ("invert_share", 0.0),

@@ -1,10 +1,18 @@
 """FM-FL fusion on plain tensors: pre-training and ensemble distillation."""
 
+import pytest
 import torch
 from torch import nn
 
 from fmfl_flwr.defense import attach_bounds, bound_keys
-from fmfl_flwr.fusion import Fusion, FusionSettings, distill, ensemble_logits, pretrain
+from fmfl_flwr.fusion import (
+    Fusion,
+    FusionSettings,
+    distill,
+    ensemble_logits,
+    pretrain,
+    relabel_disputed,
+)
 from fmfl_flwr.training import predict_logits
 
 
@@ -77,3 +85,36 @@ def test_distillation_through_bounds_or_not():
         fused = fusion(1, state, clients, [1.0, 1.0])
         assert (not torch.equal(fused[first], state[first])) == moves
         assert all(torch.equal(fused[k], state[k]) for k in bound_keys(state))
+
+
+def test_relabel_disputed_changes_only_the_target_labels_the_teacher_disputes():
+    labels = torch.tensor([0, 0, 0, 1, 2, 1])
+    teacher = torch.nn.functional.one_hot(torch.tensor([0, 2, 1, 0, 2, 0]), 3).float()
+    relabelled, changed = relabel_disputed(labels, teacher, target=0)
+    assert relabelled.tolist() == [0, 2, 1, 1, 2, 1]  # 1 and 2 disputed; 3, 5 not class 0
+    assert changed == 2 and relabelled.dtype == labels.dtype
+    assert labels.tolist() == [0, 0, 0, 1, 2, 1]  # the caller's labels stay as they were
+
+
+def test_fusion_relabels_only_once_the_defense_names_a_target():
+    """Until a target is named the fused model is the plain fusion's; once named it
+    differs, and the history says which class and how much of D_syn changed."""
+    x, y = _data()
+    clients = [_tiny().state_dict() for _ in range(3)]
+    start = _tiny().state_dict()
+    named: list[int | None] = [None]
+    settings = FusionSettings(epochs=1, seed=3, relabel_target=True)
+    plain = Fusion(_tiny, x, y, FusionSettings(epochs=1, seed=3))(1, start, clients, [1, 1, 1])
+    fusion = Fusion(_tiny, x, y, settings, target_source=lambda: named[0])
+    unnamed = fusion(1, start, clients, [1, 1, 1])
+    assert all(torch.equal(unnamed[k], plain[k]) for k in plain)
+    named[0] = 2
+    relabelled = fusion(1, start, clients, [1, 1, 1])
+    disputed = ((y == 2) & (fusion.last_ensemble_logits.argmax(1) != 2)).sum().item()
+    assert disputed > 0 and any(not torch.equal(relabelled[k], plain[k]) for k in plain)
+    assert fusion.history == [
+        {"round": 1.0, "relabel-target": -1.0, "relabelled-share": 0.0},
+        {"round": 1.0, "relabel-target": 2.0, "relabelled-share": disputed / len(y)},
+    ]
+    with pytest.raises(ValueError, match="relabel_target needs the defense"):
+        Fusion(_tiny, x, y, settings)

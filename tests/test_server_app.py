@@ -60,10 +60,10 @@ def test_round_zero_defends_the_pretrained_model_before_clients_get_it():
     state = model.state_dict()
     assert bound_keys(state) == ["2.act_bound"]  # the ReLU
     assert not torch.equal(state["1.weight"], before["1.weight"])  # pre-trained first
-    metrics = server_app.defense_metrics(step, 0)
+    metrics = server_app.step_metrics(step, 0, "defense")
     assert metrics["defense-trimmed-share"] == pytest.approx(0.2)
-    assert server_app.defense_metrics(step, 1) == {}
-    assert server_app.defense_metrics(None, 0) == {}
+    assert server_app.step_metrics(step, 1, "defense") == {}
+    assert server_app.step_metrics(None, 0, "defense") == {}
 
 
 def test_pretraining_time_leaves_out_the_round_zero_defense():

@@ -46,6 +46,8 @@ class Reference:
     cap_top_class_share: float = float("nan")
     # agreements in the class the gate names, taken out of `keep` (`gate_class_weight`)
     gate_class_spared: int = 0
+    # the fused class that fills the overruled cap once the gate passes (-1: none named)
+    gate_class: int = -1
 
 
 def top_class_share(candidates: torch.Tensor, classes: torch.Tensor) -> float:
@@ -137,12 +139,13 @@ def fidelity_reference(
         flipped = torch.nonzero(flipped_agreements(agree, fused_logits, bounded_logits)).flatten()
         excused = one_class_share(flipped, fused_classes, excuse_flips)
         agree[excused], unsure[excused] = False, 0.0
+    gate_class = int(fused_classes[capped].mode().values) if len(capped) else -1
     spared = torch.zeros_like(agree)
     if gate_class_weight < 1.0 and len(capped):
-        spared = agree & (fused_classes == fused_classes[capped].mode().values)
+        spared = agree & (fused_classes == gate_class)
         agree, unsure = agree & ~spared, torch.where(spared, float(gate_class_weight), unsure)
     found = {"flips_excused": len(excused), "cap_top_class_share": concentration,
-             "gate_class_spared": int(spared.sum())}
+             "gate_class_spared": int(spared.sum()), "gate_class": gate_class}
     if objective == "agree":
         return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled,
                          **found)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -467,6 +467,7 @@ def _fit_bounds(
         "cap-top-class-share": reference.cap_top_class_share,
         "flips-excused-share": reference.flips_excused / reference_size,
         "gate-class-spared-share": reference.gate_class_spared / reference_size,
+        "gate-class": float(reference.gate_class),
         "trimmed-share": trim,
         "excused-share": excused,
         "samples": float(reference_size),
@@ -496,7 +497,7 @@ def _with_inverted_trigger(
     """
     started = time.perf_counter()
     classes = fused_logits.argmax(1)
-    target = int(classes[reference.overruled].mode().values)
+    target = reference.gate_class
     clean = torch.nonzero(reference.keep & (classes != target)).flatten()
     if len(clean) == 0:
         return images, reference, {}
@@ -507,13 +508,12 @@ def _with_inverted_trigger(
     count = min(len(clean), max(1, int(settings.invert_share * len(images))))
     chosen = clean[torch.randperm(len(clean), generator=generator)[:count]]
     none = torch.zeros(count, dtype=torch.bool)
-    stamped = Reference(
-        torch.cat([reference.target_logits, reference.target_logits[chosen]]),
-        torch.cat([reference.weights, torch.full((count,), settings.invert_weight)]),
-        torch.cat([reference.keep, none]),
-        torch.cat([reference.overruled, none]),
-        reference.flips_excused,
-        reference.cap_top_class_share,
+    stamped = replace(
+        reference,
+        target_logits=torch.cat([reference.target_logits, reference.target_logits[chosen]]),
+        weights=torch.cat([reference.weights, torch.full((count,), settings.invert_weight)]),
+        keep=torch.cat([reference.keep, none]),
+        overruled=torch.cat([reference.overruled, none]),
     )
     stats = {
         "inverted-target": float(target),

@@ -58,7 +58,9 @@ class BoundsStep:
 
     `ensemble_source` returns the round's client-ensemble logits on all of `images` when
     fusion already computed them (`Fusion.last_ensemble_logits`); else they are computed
-    here from the client states, on the round's subset only.
+    here from the client states, on the round's subset only. `named_target` is the class
+    the overrule gate last named as a backdoor's target (None until a gate passes): it
+    stays named when later gates close, since D_syn and its poison do not change.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class BoundsStep:
         self.ensemble_source = ensemble_source
         self.last_bounds: StateDict | None = None
         self.last_c: float | None = None
+        self.named_target: int | None = None
         self.history: list[dict[str, float]] = []
 
     def __call__(
@@ -104,6 +107,8 @@ class BoundsStep:
             model, images, labels, teacher, self.settings, self.last_bounds, self.last_c
         )
         self.last_bounds, self.last_c = bounds, stats["c"]
+        if stats["gate-class"] >= 0:
+            self.named_target = int(stats["gate-class"])
         stats["step-time"] = time.perf_counter() - started
         self.history.append({"round": float(server_round), **stats})
         return dict(model.state_dict())
