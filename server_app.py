@@ -27,6 +27,7 @@ from fmfl_flwr.checkpoint import (
     load_checkpoint,
     restore_rng_states,
     restore_rule_state,
+    restore_step_states,
     save_checkpoint,
 )
 from fmfl_flwr.config import ExperimentConfig
@@ -162,10 +163,12 @@ def main(grid: Grid, context: Context) -> None:
     model = model_fn()
     settings = fusion_settings(config)
     fusion, defense = server_steps(config, dataset, model_fn, syn)
+    steps = {"fusion": fusion, "defense": defense}
     pretrain_time = 0.0
     if resumed:
         ensure_bounds_for_state(model, resumed["state"]).load_state_dict(resumed["state"])
         restore_rule_state(inner, resumed["rule"])
+        restore_step_states(steps, resumed.get("steps", {}))  # older checkpoints: none
         restore_rng_states(resumed["rng"])
     elif config.fusion:
         pretrain_time = pretrain_and_defend(model, syn, settings, defense)
@@ -199,7 +202,7 @@ def main(grid: Grid, context: Context) -> None:
             row["client-acc"] = strategy.last_evaluate.get("local-acc", float("nan"))
         # Checkpoint first: metrics.csv never shows a round the checkpoint lacks.
         save_checkpoint(run_dir, server_round, state, [*recorder.rows, row], run_config,
-                        strategy.inner)
+                        strategy.inner, steps)
         recorder.log_round(row)
         round_started = time.perf_counter()
         return MetricRecord({k: float(v) for k, v in row.items()})

@@ -1,9 +1,10 @@
 """Per-round checkpoints, so a killed server run resumes with the same final numbers.
 
 A checkpoint holds the global model after the last evaluated round, the rows written so
-far, every random-number state the server draws from, and the aggregation rule's own state
-(FoolsGold's history, say). It is replaced atomically after every round.
-The rule's state is restored into a rule rebuilt from the same config.
+far, every random-number state the server draws from, the aggregation rule's own state
+(FoolsGold's history, say) and what the server steps carry to the next round (the
+defense's warm start, say: each step names it in `RESUMED`). It is replaced atomically
+after every round. Rule and steps are restored into ones rebuilt from the same config.
 """
 
 from __future__ import annotations
@@ -51,11 +52,25 @@ def restore_rule_state(rule: object, blob: bytes) -> None:
         setattr(rule, name, pickle.loads(value))
 
 
+def step_states(steps: dict[str, object | None]) -> dict[str, dict[str, Any]]:
+    """The `RESUMED` attributes of each server step (None: the step is off)."""
+    return {name: {attr: getattr(step, attr) for attr in step.RESUMED}
+            for name, step in steps.items() if step is not None}
+
+
+def restore_step_states(steps: dict[str, object | None], states: dict[str, dict[str, Any]]
+                        ) -> None:
+    for name, attrs in states.items():
+        for attr, value in attrs.items():
+            setattr(steps[name], attr, value)
+
+
 def save_checkpoint(run_dir: Path, server_round: int, state: dict[str, torch.Tensor],
                     rows: list[dict[str, Any]], run_config: dict[str, Any],
-                    rule: object) -> None:
+                    rule: object, steps: dict[str, object | None] | None = None) -> None:
     payload = {"round": server_round, "state": state, "rows": rows, "rng": rng_states(),
-               "run_config": run_config, "rule": rule_state(rule)}
+               "run_config": run_config, "rule": rule_state(rule),
+               "steps": step_states(steps or {})}
     tmp = run_dir / f"{FILE}.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, run_dir / FILE)

@@ -107,6 +107,8 @@ class Fusion:
     was relabelled each round.
     """
 
+    RESUMED = ("history",)  # kept by checkpoints; the ensemble is recomputed every round
+
     def __init__(self, model_fn: Callable[[], nn.Module], syn_x: torch.Tensor,
                  syn_y: torch.Tensor, settings: FusionSettings,
                  target_source: Callable[[], int | None] | None = None) -> None:

@@ -9,8 +9,10 @@ from fmfl_flwr.checkpoint import (
     load_checkpoint,
     restore_rng_states,
     restore_rule_state,
+    restore_step_states,
     rule_state,
     save_checkpoint,
+    step_states,
 )
 from strategies import build_aggregation
 
@@ -44,3 +46,45 @@ def test_rule_state_keeps_history_and_skips_closures():
     fresh = build_aggregation("fltrust", root_update_fn=root_update)
     restore_rule_state(fresh, rule_state(rule))
     assert fresh.history_marker == [1, 2, 3] and fresh.root_update_fn is root_update
+
+
+def test_server_steps_resume_with_what_they_carry(tmp_path):
+    """A defense rebuilt from the config and restored from the checkpoint fits round 2 as
+    the uninterrupted one does: warm start, penalty and named target travel with it."""
+    from torch import nn
+
+    from fmfl_flwr.defense import BoundSettings, make_defense
+    from fmfl_flwr.fusion import Fusion, FusionSettings
+
+    def tiny() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    images = torch.rand(200, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    labels = (images.flatten(1).sum(1) * 3 / 4).long().clamp(max=2)
+    teacher = torch.nn.functional.one_hot((labels + 1) % 3, 3).float() * 5
+
+    def steps():
+        defense = make_defense("activation-bounds", tiny, images, labels,
+                               BoundSettings(epochs=2, max_samples=100, overrule_gate=0.0),
+                               ensemble_source=lambda: teacher)
+        fusion = Fusion(tiny, images, labels, FusionSettings(relabel_target=True),
+                        target_source=lambda: defense.named_target)
+        return {"fusion": fusion, "defense": defense}
+
+    running = steps()
+    state = tiny().state_dict()
+    first = running["defense"](1, state, [], [])
+    assert running["defense"].named_target is not None
+    save_checkpoint(tmp_path, 1, first, [], {}, build_aggregation("fedavg"), running)
+    resumed = steps()
+    restore_step_states(resumed, load_checkpoint(tmp_path, {})["steps"])
+    assert resumed["defense"].named_target == running["defense"].named_target
+    expected, got = running["defense"](2, first, [], []), resumed["defense"](2, first, [], [])
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    def fitted(step):  # the history without its timings
+        return [{k: v for k, v in h.items() if "time" not in k} for h in step.history]
+
+    assert fitted(resumed["defense"]) == fitted(running["defense"])
+    assert resumed["defense"].history[-1]["warm-start"] == 1.0  # a fresh step starts cold
+    assert step_states({"defense": None}) == {}

@@ -63,6 +63,8 @@ class BoundsStep:
     stays named when later gates close, since D_syn and its poison do not change.
     """
 
+    RESUMED = ("last_bounds", "last_c", "named_target", "history")  # kept by checkpoints
+
     def __init__(
         self,
         build_model: Callable[[], nn.Module],
@@ -116,6 +118,8 @@ class BoundsStep:
 
 class PruningStep:
     """Fine-Pruning's mask on the last conv ReLU, refitted every round."""
+
+    RESUMED = ("history",)  # kept by checkpoints
 
     def __init__(
         self,
