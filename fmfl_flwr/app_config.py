@@ -43,7 +43,8 @@ def fusion_settings(config: ExperimentConfig) -> FusionSettings:
     return FusionSettings(config.pretrain_epochs, config.distill_epochs, config.distill_alpha,
                           config.distill_tau, config.distill_lr, config.distill_batch_size,
                           config.seed, through_bounds=config.distill_bounds,
-                          relabel_target=config.distill_relabel_target)
+                          relabel_target=config.distill_relabel_target,
+                          relabel_cap=config.bounds_overrule_cap)
 
 
 def bound_settings(config: ExperimentConfig) -> BoundSettings:

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fmfl_flwr.defense.bounds import bounds_disabled, ensure_bounds_for_state
+from fmfl_flwr.defense.objectives import most_suspect
 from fmfl_flwr.training import default_device, minimise, predict_logits, train_epochs
 
 StateDict = dict[str, torch.Tensor]
@@ -38,6 +39,7 @@ class FusionSettings:
     seed: int = 0
     through_bounds: bool = False  # distil with the served bounds on (bench: ASR 99% vs 4%)
     relabel_target: bool = False  # the named target's disputed labels -> the ensemble's class
+    relabel_cap: float = 1.0  # at most this share of D_syn relabelled (the bounds' overrule cap)
 
 
 def pretrain(model: nn.Module, syn_x: torch.Tensor, syn_y: torch.Tensor,
@@ -62,19 +64,24 @@ def ensemble_logits(model: nn.Module, client_states: list[StateDict],
     return total / len(client_states)
 
 
-def relabel_disputed(labels: torch.Tensor, teacher_logits: torch.Tensor, target: int
-                     ) -> tuple[torch.Tensor, int]:
+def relabel_disputed(labels: torch.Tensor, teacher_logits: torch.Tensor, target: int,
+                     cap: float = 1.0) -> tuple[torch.Tensor, int]:
     """`labels` with those of class `target` that the teacher disputes set to its class.
 
     A poisoned FM labels triggered images of every class as its target; clients trained on
     real data (through the bounds) see their true class, so the dispute marks the poison,
     and distilling on the teacher's class teaches the trigger to lead nowhere. Clean
-    `target` images the teacher gets wrong are relabelled too: that is the cost.
-    Returns the labels and how many changed.
+    `target` images the teacher gets wrong are relabelled too: that is the cost. At most
+    `cap` of all samples change, those the teacher is surest of: a non-IID ensemble that
+    cannot place the target class disputes its clean images too, but less surely than it
+    names a triggered image's true class. Returns the labels and how many changed.
     """
     teacher = teacher_logits.argmax(1).to(labels.dtype)
-    disputed = (labels == target) & (teacher != target)
-    return torch.where(disputed, teacher, labels), int(disputed.sum())
+    disputed = torch.nonzero((labels == target) & (teacher != target)).flatten()
+    disputed = most_suspect(disputed, teacher_logits.softmax(1).amax(1), cap)
+    relabelled = labels.clone()
+    relabelled[disputed] = teacher[disputed]
+    return relabelled, len(disputed)
 
 
 def distill(model: nn.Module, teacher_logits: torch.Tensor, syn_x: torch.Tensor,
@@ -146,7 +153,8 @@ class Fusion:
         target = self.target_source()
         labels, changed = self.syn_y, 0
         if target is not None:
-            labels, changed = relabel_disputed(self.syn_y, self.last_ensemble_logits, target)
+            labels, changed = relabel_disputed(self.syn_y, self.last_ensemble_logits, target,
+                                               self.settings.relabel_cap)
         self.history.append({"round": float(server_round),
                              "relabel-target": -1.0 if target is None else float(target),
                              "relabelled-share": changed / len(self.syn_y)})

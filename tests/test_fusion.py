@@ -94,6 +94,9 @@ def test_relabel_disputed_changes_only_the_target_labels_the_teacher_disputes():
     assert relabelled.tolist() == [0, 2, 1, 1, 2, 1]  # 1 and 2 disputed; 3, 5 not class 0
     assert changed == 2 and relabelled.dtype == labels.dtype
     assert labels.tolist() == [0, 0, 0, 1, 2, 1]  # the caller's labels stay as they were
+    teacher[1] = torch.tensor([0.0, 0.4, 0.5])  # disputed, but less surely than sample 2
+    capped, changed = relabel_disputed(labels, teacher, target=0, cap=1 / 6)
+    assert capped.tolist() == [0, 0, 1, 1, 2, 1] and changed == 1
 
 
 def test_fusion_relabels_only_once_the_defense_names_a_target():
