@@ -110,11 +110,11 @@ def main() -> None:
             t = time.perf_counter()
             state = fusion(server_round, state, states, weights)
             row["fusion-time"] = time.perf_counter() - t
+            row.update(step_metrics(fusion, server_round, "fusion"))
         if defense:
             t = time.perf_counter()
             state = defense(server_round, state, states, weights)
             row["defense-time"] = time.perf_counter() - t
-            row.update(step_metrics(fusion, server_round, "fusion"))
             row.update(step_metrics(defense, server_round, "defense"))
         row["round-time"] = time.perf_counter() - started
         model = load_state_with_bounds(model_fn(), state)
