@@ -72,9 +72,10 @@ def relabel_disputed(labels: torch.Tensor, teacher_logits: torch.Tensor, target:
     real data (through the bounds) see their true class, so the dispute marks the poison,
     and distilling on the teacher's class teaches the trigger to lead nowhere. Clean
     `target` images the teacher gets wrong are relabelled too: that is the cost. At most
-    `cap` of all samples change, those the teacher is surest of: a non-IID ensemble that
-    cannot place the target class disputes its clean images too, but less surely than it
-    names a triggered image's true class. Returns the labels and how many changed.
+    `cap` of all samples change (the share the defender allows to be poisoned), those the
+    teacher is surest of; a non-IID ensemble that cannot place the target class disputes
+    its clean images too, and the surest disputes were not the poison's alone in Flower
+    (docs/defense.md). Returns the labels and how many changed.
     """
     teacher = teacher_logits.argmax(1).to(labels.dtype)
     disputed = torch.nonzero((labels == target) & (teacher != target)).flatten()
