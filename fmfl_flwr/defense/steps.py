@@ -58,12 +58,10 @@ class BoundsStep:
 
     `ensemble_source` returns the round's client-ensemble logits on all of `images` when
     fusion already computed them (`Fusion.last_ensemble_logits`); else they are computed
-    here from the client states, on the round's subset only. `named_target` is the class
-    the overrule gate last named as a backdoor's target (None until a gate passes): it
-    stays named when later gates close, since D_syn and its poison do not change.
+    here from the client states, on the round's subset only.
     """
 
-    RESUMED = ("last_bounds", "last_c", "named_target", "history")  # kept by checkpoints
+    RESUMED = ("last_bounds", "last_c", "history")  # kept by checkpoints
 
     def __init__(
         self,
@@ -83,7 +81,6 @@ class BoundsStep:
         self.ensemble_source = ensemble_source
         self.last_bounds: StateDict | None = None
         self.last_c: float | None = None
-        self.named_target: int | None = None
         self.history: list[dict[str, float]] = []
 
     def __call__(
@@ -109,11 +106,16 @@ class BoundsStep:
             model, images, labels, teacher, self.settings, self.last_bounds, self.last_c
         )
         self.last_bounds, self.last_c = bounds, stats["c"]
-        if stats["gate-class"] >= 0:
-            self.named_target = int(stats["gate-class"])
         stats["step-time"] = time.perf_counter() - started
         self.history.append({"round": float(server_round), **stats})
         return dict(model.state_dict())
+
+    @property
+    def named_target(self) -> int | None:
+        """The class the overrule gate last named as a backdoor's target (None until one
+        passes); it stays named when later gates close, since D_syn's poison stays."""
+        named = [h["gate-class"] for h in self.history if h["gate-class"] >= 0]
+        return int(named[-1]) if named else None
 
 
 class PruningStep:
