@@ -161,7 +161,6 @@ def main(grid: Grid, context: Context) -> None:
 
     seed_everything(config.seed)
     model = model_fn()
-    settings = fusion_settings(config)
     fusion, defense = server_steps(config, dataset, model_fn, syn)
     steps = {"fusion": fusion, "defense": defense}
     pretrain_time = 0.0
@@ -171,7 +170,7 @@ def main(grid: Grid, context: Context) -> None:
         restore_step_states(steps, resumed.get("steps", {}))  # older checkpoints: none
         restore_rng_states(resumed["rng"])
     elif config.fusion:
-        pretrain_time = pretrain_and_defend(model, syn, settings, defense)
+        pretrain_time = pretrain_and_defend(model, syn, fusion.settings, defense)
     done = resumed["round"] if resumed else 0
     strategy = FMFLStrategy(
         inner, fusion=fusion, post_fusion=[(config.defense, defense)] if defense else [],

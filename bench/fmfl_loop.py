@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fmfl_flwr import attacks
-from fmfl_flwr.app_config import fusion_settings, parse_app_config
+from fmfl_flwr.app_config import parse_app_config
 from fmfl_flwr.cli import app_defaults, parse_overrides
 from fmfl_flwr.client_update import ClientRole, client_update
 from fmfl_flwr.data import load_dataset, to_float
@@ -83,10 +83,9 @@ def main() -> None:
     test_x, test_y = to_float(dataset.test_x), torch.as_tensor(dataset.test_y)
     trigger = attacks.evaluation_trigger(config, dataset.image_shape)
     model = model_fn()
-    settings = fusion_settings(config)
     fusion, defense = server_steps(config, dataset, model_fn, syn)
     if config.fusion:
-        pretrain_and_defend(model, syn, settings, defense)
+        pretrain_and_defend(model, syn, fusion.settings, defense)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rows = [{"round": 0, **acc_and_asr(model, test_x, test_y, trigger, config.target_label),
              **step_metrics(defense, 0, "defense")}]
