@@ -75,11 +75,11 @@ from fmfl_flwr.defense.objectives import (
     top_class_share,
 )
 from fmfl_flwr.defense.steps import round_subset
-from fmfl_flwr.fusion import Fusion, ensemble_logits
+from fmfl_flwr.fusion import Fusion, ensemble_logits, suspected_poison
 from fmfl_flwr.metrics import acc_and_asr
 from fmfl_flwr.models import build_model
 from fmfl_flwr.partition import client_indices, public_split
-from fmfl_flwr.training import predict_logits
+from fmfl_flwr.training import logits_and_features, predict_logits
 from server_app import defense_step, pretrain_and_defend, seed_everything, synthetic_data
 
 # stop 16's fit: the fused confidence ranks the capped disagreements, 10 epochs every round
@@ -123,7 +123,7 @@ VARIANTS = {
 
 
 def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, clean_labels, cap,
-                  features) -> dict[str, float]:
+                  features, labels) -> dict[str, float]:
     """Share of D_syn in disagreement, and how the poisoned samples sit in it and in the
     cap under each overrule rank (`bounded_logits`: the fused model through last round's
     bounds, the warm start); per rank also how much of the cap its top fused class holds
@@ -155,6 +155,9 @@ def poison_census(fused_logits, bounded_logits, ensemble_logits, poisoned, clean
             census.update(target_agreement_census(fused_logits, bounded_logits,
                                                   ensemble_logits, poisoned, features,
                                                   scores, capped))
+            if len(capped):
+                census.update(suspects_census(features, fused_logits, bounded_logits, labels,
+                                              poisoned, int(fused_classes[capped].mode().values)))
     return census
 
 
@@ -210,6 +213,23 @@ def target_agreement_census(fused_logits, bounded_logits, ensemble_logits, poiso
     return census
 
 
+def suspects_census(features, fused_logits, bounded_logits, labels, poisoned,
+                    target) -> dict[str, float]:
+    """What `distill-unlearn-poison` would teach away from `target` (the cap's top fused
+    class): the samples labelled `target` that last round's bounds flip away from it, those
+    `suspected_poison` finds, and the union; how much poison each holds and catches."""
+    flipped = (labels == target) & (fused_logits.argmax(1) == target) & \
+        (bounded_logits.argmax(1) != target)
+    suspected = suspected_poison(features, fused_logits, bounded_logits, labels, target)
+    census = {}
+    for name, chosen in (("flipped", flipped), ("suspected", suspected),
+                         ("union", flipped | suspected)):
+        census[f"unlearn-share[{name}]"] = chosen.float().mean().item()
+        census[f"poisoned-among-unlearn[{name}]"] = poisoned[chosen].float().mean().item()
+        census[f"poisoned-caught-by-unlearn[{name}]"] = chosen[poisoned].float().mean().item()
+    return census
+
+
 def otsu_threshold(scores: torch.Tensor) -> float:
     """The cut of 1-D `scores` into a low and a high group with the largest between-group
     variance (Otsu); above it is the high group; +inf with fewer than two scores."""
@@ -221,19 +241,6 @@ def otsu_threshold(scores: torch.Tensor) -> float:
     high_mean = (ordered.sum() - low_sum) / (len(ordered) - low_count)
     between = low_count * (len(ordered) - low_count) * (low_sum / low_count - high_mean) ** 2
     return ordered[between.argmax()].item()
-
-
-@torch.no_grad()
-def logits_and_features(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's logits and what its last linear layer reads, per image, in one pass."""
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    seen = []
-    handle = last.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].cpu()))
-    try:
-        logits = predict_logits(model, images)
-    finally:
-        handle.remove()
-    return logits, torch.cat(seen).flatten(1)
 
 
 def main() -> None:
@@ -304,7 +311,7 @@ def main() -> None:
             rows.append({"round": server_round, "variant": "fused, unbounded",
                          **validation(fused_model), **ensemble_validation(states),
                          **poison_census(fused_logits, bounded_logits, ensemble, poisoned,
-                                         clean[1], shipped.overrule_cap, features)})
+                                         clean[1], shipped.overrule_cap, features, syn[1])})
         print(rows[-1], flush=True)
         subset = round_subset(len(syn[0]), shipped, server_round)  # the run's own subset
         for name in args.variants:

@@ -44,7 +44,8 @@ def fusion_settings(config: ExperimentConfig) -> FusionSettings:
                           config.distill_tau, config.distill_lr, config.distill_batch_size,
                           config.seed, through_bounds=config.distill_bounds,
                           relabel_target=config.distill_relabel_target,
-                          relabel_cap=config.bounds_overrule_cap)
+                          relabel_cap=config.bounds_overrule_cap,
+                          unlearn_poison=config.distill_unlearn_poison)
 
 
 def bound_settings(config: ExperimentConfig) -> BoundSettings:

@@ -75,6 +75,20 @@ def train_epochs(
 
 
 @torch.no_grad()
+def logits_and_features(model: nn.Module,
+                        images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits and what its last linear layer reads, per image, in one pass."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    seen = []
+    handle = last.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].cpu()))
+    try:
+        logits = predict_logits(model, images)
+    finally:
+        handle.remove()
+    return logits, torch.cat(seen).flatten(1)
+
+
+@torch.no_grad()
 def predict_logits(
     model: nn.Module, images: torch.Tensor, batch_size: int = 1000,
     device: torch.device | None = None,

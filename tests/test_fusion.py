@@ -119,5 +119,5 @@ def test_fusion_relabels_only_once_the_defense_names_a_target():
         {"round": 1.0, "relabel-target": -1.0, "relabelled-share": 0.0},
         {"round": 1.0, "relabel-target": 2.0, "relabelled-share": disputed / len(y)},
     ]
-    with pytest.raises(ValueError, match="relabel_target needs the defense"):
+    with pytest.raises(ValueError, match="need the defense that names the target"):
         Fusion(_tiny, x, y, settings)
