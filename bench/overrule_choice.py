@@ -75,7 +75,12 @@ from fmfl_flwr.defense.objectives import (
     top_class_share,
 )
 from fmfl_flwr.defense.steps import round_subset
-from fmfl_flwr.fusion import Fusion, ensemble_logits, suspected_poison
+from fmfl_flwr.fusion import (
+    Fusion,
+    ensemble_logits,
+    flipped_from_target,
+    suspected_poison,
+)
 from fmfl_flwr.metrics import acc_and_asr
 from fmfl_flwr.models import build_model
 from fmfl_flwr.partition import client_indices, public_split
@@ -218,8 +223,7 @@ def suspects_census(features, fused_logits, bounded_logits, labels, poisoned,
     """What `distill-unlearn-poison` would teach away from `target` (the cap's top fused
     class): the samples labelled `target` that last round's bounds flip away from it, those
     `suspected_poison` finds, and the union; how much poison each holds and catches."""
-    flipped = (labels == target) & (fused_logits.argmax(1) == target) & \
-        (bounded_logits.argmax(1) != target)
+    flipped = flipped_from_target(labels, fused_logits, bounded_logits, target)
     suspected = suspected_poison(features, fused_logits, bounded_logits, labels, target)
     census = {}
     for name, chosen in (("flipped", flipped), ("suspected", suspected),

@@ -96,6 +96,13 @@ def relabel_disputed(labels: torch.Tensor, teacher_logits: torch.Tensor, target:
     return relabelled, len(disputed)
 
 
+def flipped_from_target(labels: torch.Tensor, unbounded_logits: torch.Tensor,
+                        bounded_logits: torch.Tensor, target: int) -> torch.Tensor:
+    """The samples labelled `target` that the model calls `target` unbounded, not bounded."""
+    return (labels == target) & (unbounded_logits.argmax(1) == target) & \
+        (bounded_logits.argmax(1) != target)
+
+
 def suspected_poison(features: torch.Tensor, unbounded_logits: torch.Tensor,
                      bounded_logits: torch.Tensor, labels: torch.Tensor,
                      target: int) -> torch.Tensor:
@@ -112,9 +119,8 @@ def suspected_poison(features: torch.Tensor, unbounded_logits: torch.Tensor,
     until the bounds both flip and keep some.
     """
     mine = labels == target
-    bounded = bounded_logits.argmax(1)
-    flipped = mine & (unbounded_logits.argmax(1) == target) & (bounded != target)
-    kept = mine & (bounded == target)
+    flipped = flipped_from_target(labels, unbounded_logits, bounded_logits, target)
+    kept = mine & (bounded_logits.argmax(1) == target)
     if not flipped.any() or not kept.any():
         return torch.zeros_like(mine)
     unit = F.normalize(features.float(), dim=1)
