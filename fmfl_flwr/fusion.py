@@ -173,9 +173,15 @@ class Fusion:
     `relabel_target` or `unlearn_poison`, `target_source` returns the class that defense
     named as a backdoor's target (`BoundsStep.named_target`, None while none is named);
     `history` records what was relabelled or unlearned each round.
+
+    The suspected poison is found once per named target and kept (`suspected`): D_syn does
+    not change, and once unlearning has worked the aggregate no longer carries the trigger,
+    so last round's bounds flip clean images of the target and a fresh split would suspect
+    those (stop 27: class-0 accuracy fell to 45% when it was redone every round).
     """
 
-    RESUMED = ("history",)  # kept by checkpoints; the ensemble is recomputed every round
+    # kept by checkpoints; the ensemble is recomputed every round
+    RESUMED = ("history", "suspected", "suspected_target")
 
     def __init__(self, model_fn: Callable[[], nn.Module], syn_x: torch.Tensor,
                  syn_y: torch.Tensor, settings: FusionSettings,
@@ -188,7 +194,8 @@ class Fusion:
         self.settings = settings
         self.target_source = target_source
         self.last_ensemble_logits: torch.Tensor | None = None
-        self.last_suspected: torch.Tensor | None = None
+        self.suspected: torch.Tensor | None = None
+        self.suspected_target = -1
         self.last_loss = float("nan")
         self.history: list[dict[str, float]] = []
 
@@ -202,7 +209,7 @@ class Fusion:
         target = self.target_source() if self.target_source else None
         stats: dict[str, float] = {}
         labels = self._labels(target, stats)
-        self.last_suspected = self._suspects(model, target, stats)
+        unlearn = self._suspects(model, target, stats)
         if stats:
             self.history.append({"round": float(server_round), **stats})
         torch.manual_seed(self.settings.seed * 7919 + server_round)
@@ -211,7 +218,7 @@ class Fusion:
         with nullcontext(model) if self.settings.through_bounds else bounds_disabled(model):
             self.last_loss = distill(model, self.last_ensemble_logits, self.syn_x, labels,
                                      self.settings, self.settings.seed * 7919 + server_round,
-                                     self.last_suspected, -1 if target is None else target)
+                                     unlearn, -1 if target is None else target)
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
     def _labels(self, target: int | None, stats: dict[str, float]) -> torch.Tensor:
@@ -230,15 +237,20 @@ class Fusion:
                   stats: dict[str, float]) -> torch.Tensor | None:
         """The suspected poison of the named target (None: nothing to unlearn this round).
 
-        `model` holds the round's aggregate with the bounds it was served with."""
+        `model` holds the round's aggregate with the bounds it was served with; the first
+        split that suspects anything for a target is kept for it."""
         if not self.settings.unlearn_poison:
             return None
         suspected = None
-        if target is not None:
+        if target is not None and target == self.suspected_target:
+            suspected = self.suspected
+        elif target is not None:
             bounded = predict_logits(model, self.syn_x)
             with bounds_disabled(model):
                 unbounded, features = logits_and_features(model, self.syn_x)
             suspected = suspected_poison(features, unbounded, bounded, self.syn_y, target)
+            if suspected.any():
+                self.suspected, self.suspected_target = suspected, target
         share = 0.0 if suspected is None else suspected.float().mean().item()
         stats.update({"unlearn-target": -1.0 if target is None else float(target),
                       "unlearned-share": share})
