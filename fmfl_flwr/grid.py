@@ -312,7 +312,9 @@ def _write_status(out: Path, rows: dict[str, dict[str, Any]]) -> None:
 
 def _result_text(run_dir: Path) -> str:
     summary = json.loads((run_dir / "summary.json").read_text())
-    return f"ACC {100 * summary['acc']:.2f}%, ASR {100 * summary['asr']:.2f}%"
+    rejected = int(summary.get("rejected_replies", 0))
+    return f"ACC {100 * summary['acc']:.2f}%, ASR {100 * summary['asr']:.2f}%" + (
+        f"; WARNING: {rejected} client replies rejected" if rejected else "")
 
 
 def _clock(seconds: float) -> str:

@@ -53,7 +53,8 @@ def load_runs(folder: Path) -> pd.DataFrame:
             "acc": float(summary["acc"]), "asr": float(summary["asr"]),
             "rounds": int(summary.get("rounds", 0)),
             "wall_time_s": float(summary.get("wall_time_s", float("nan"))),
-            "note": check_phases(config, summary.get("phases_s", {})),
+            "note": "; ".join(filter(None, [check_phases(config, summary.get("phases_s", {})),
+                                            check_replies(summary)])),
             "config": json.dumps({k: v for k, v in sorted(config.items())
                                   if k not in IGNORED}, default=str),
         })
@@ -94,6 +95,16 @@ def check_phases(config: dict[str, Any], phases: dict[str, float]) -> str:
     if config.get("defense", "none") != "none" and phases.get("defense_s") == 0:
         notes.append(f"defense {config['defense']} did not run")
     return "; ".join(notes)
+
+
+def check_replies(summary: dict[str, Any]) -> str:
+    """Flag a run whose server set client replies aside: its numbers rest on fewer clients.
+
+    Malicious or broken updates are rejected by design, but so are the replies of clients
+    the machine killed (stop 27: out of memory, 9 of 10 replies lost, ACC and ASR moved).
+    """
+    rejected = int(summary.get("rejected_replies", 0))
+    return f"{rejected} client replies rejected (see the run's log)" if rejected else ""
 
 
 def _variants(runs: pd.DataFrame) -> pd.Series:

@@ -29,10 +29,12 @@ seed = [0, 1]
 class FakeRunner:
     """Stands in for `flwr run`: writes a run's result files, or fails for chosen cells."""
 
-    def __init__(self, fail: tuple[str, ...] = (), finish: bool = True) -> None:
+    def __init__(self, fail: tuple[str, ...] = (), finish: bool = True,
+                 rejected: int = 0) -> None:
         self.calls: list[tuple[str, int]] = []
         self.fail = fail
         self.finish = finish
+        self.rejected = rejected
 
     def __call__(self, run_config: dict[str, Any], num_supernodes: int, flwr_home: Path,
                  log_path: Path) -> int:
@@ -46,8 +48,8 @@ class FakeRunner:
         (run_dir / "config.json").write_text(json.dumps({"run_config": run_config}))
         (run_dir / "metrics.csv").write_text("round,acc,asr\n0,0.1,0.0\n1,0.8,0.5\n")
         if self.finish:
-            (run_dir / "summary.json").write_text(json.dumps({"acc": 0.8, "asr": 0.5,
-                                                              "rounds": 1}))
+            (run_dir / "summary.json").write_text(json.dumps(
+                {"acc": 0.8, "asr": 0.5, "rounds": 1, "rejected_replies": self.rejected}))
         return 0
 
 
@@ -125,6 +127,18 @@ def test_second_call_skips_finished_cells(tmp_path):
     again = FakeRunner()
     assert run_grid(cells, tmp_path, again, echo=lambda _: None) == statuses
     assert again.calls == []
+
+
+def test_a_cell_whose_server_rejected_replies_says_so(tmp_path):
+    cells = expand({"num-server-rounds": 1}, {"seed": [0]})
+    messages: list[str] = []
+    assert run_grid(cells, tmp_path, FakeRunner(rejected=9), echo=messages.append) == \
+        {"seed0": "done"}
+    assert any(m.endswith("(ACC 80.00%, ASR 50.00%; WARNING: 9 client replies rejected)")
+               for m in messages), messages
+    clean: list[str] = []
+    run_grid(cells, tmp_path / "clean", FakeRunner(), echo=clean.append)
+    assert any(m.endswith("(ACC 80.00%, ASR 50.00%)") for m in clean), clean
 
 
 def test_a_half_written_cell_is_run_again(tmp_path):

@@ -146,3 +146,15 @@ def test_one_seed_per_setting_has_no_spread_and_still_plots(tmp_path):
 def test_report_of_an_empty_folder_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         write_report(tmp_path)
+
+
+def test_a_run_with_rejected_replies_is_flagged(tmp_path):
+    run_dir = make_run(tmp_path, "fedavg", {}, [0.1, 0.8], [0.0, 0.1])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "rejected_replies": 18}))
+    make_run(tmp_path, "fedavg-seed1", {"seed": 1}, [0.1, 0.8], [0.0, 0.1])
+    runs = load_runs(tmp_path)
+    assert list(runs["note"]) == ["18 client replies rejected (see the run's log)", ""]
+    assert markdown_table(summary_table(runs)).endswith(
+        "WARNING: fedavg, FL, clean, iid, 10 clients: 18 client replies rejected "
+        "(see the run's log)")
