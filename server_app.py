@@ -97,14 +97,16 @@ def defense_step(config: ExperimentConfig, dataset, model_fn, syn, fusion: Fusio
         clean_x=to_float(dataset.train_x[public]),
         clean_y=torch.as_tensor(dataset.train_y[public]),
         ensemble_source=(lambda: fusion.last_ensemble_logits) if fusion else None,
+        trust_source=(lambda: fusion.unlearning) if fusion else None,
     )
 
 
 def server_steps(config: ExperimentConfig, dataset, model_fn, syn):
     """FM-FL fusion (None without it) and the post-fusion defense (None for "none").
 
-    Each reads the other's latest output: the defense the ensemble logits fusion computed,
-    fusion (with `distill-relabel-target`) the target the defense's gate named.
+    Each reads the other's latest output: the defense the ensemble logits fusion computed
+    and whether it unlearned a suspected poison, fusion (with `distill-relabel-target` or
+    `distill-unlearn-poison`) the target the defense's gate named.
     """
     fusion = Fusion(model_fn, *syn, fusion_settings(config),
                     target_source=lambda: defense.named_target) if config.fusion else None

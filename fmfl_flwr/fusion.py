@@ -172,7 +172,9 @@ class Fusion:
     activation-bounds defense uses them as its clean reference under the FM threat. With
     `relabel_target` or `unlearn_poison`, `target_source` returns the class that defense
     named as a backdoor's target (`BoundsStep.named_target`, None while none is named);
-    `history` records what was relabelled or unlearned each round.
+    `history` records what was relabelled or unlearned each round; `unlearning` says
+    whether this round's fusion taught a suspected poison away (the defense then trusts
+    the fused model: `BoundsStep`'s `trust_source`).
 
     The suspected poison is found once per named target and kept (`suspected`): D_syn does
     not change, and once unlearning has worked the aggregate no longer carries the trigger,
@@ -196,6 +198,7 @@ class Fusion:
         self.last_ensemble_logits: torch.Tensor | None = None
         self.suspected: torch.Tensor | None = None
         self.suspected_target = -1
+        self.unlearning = False
         self.last_loss = float("nan")
         self.history: list[dict[str, float]] = []
 
@@ -210,6 +213,7 @@ class Fusion:
         stats: dict[str, float] = {}
         labels = self._labels(target, stats)
         unlearn = self._suspects(model, target, stats)
+        self.unlearning = unlearn is not None and bool(unlearn.any())
         if stats:
             self.history.append({"round": float(server_round), **stats})
         torch.manual_seed(self.settings.seed * 7919 + server_round)

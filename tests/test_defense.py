@@ -742,9 +742,10 @@ def test_fusion_unlearns_the_poison_the_bounds_and_its_features_point_to(backdoo
         found[unlearn] = {
             "acc": (student(test_x).argmax(1) == test_y).float().mean().item(),
             "asr": (student(CORNER.stamp(others)).argmax(1) == 0).float().mean().item(),
-            "suspected": fusion.suspected}
+            "suspected": fusion.suspected, "unlearning": fusion.unlearning}
     suspected = found[True]["suspected"]
     assert found[False]["suspected"] is None
+    assert found[True]["unlearning"] and not found[False]["unlearning"]
     assert poison[suspected].float().mean() > 0.9 and suspected[poison].float().mean() > 0.5
     # a later aggregate without the backdoor, served with the same bounds: the split found
     # while the trigger was there is kept, not redone on what the bounds flip now
@@ -759,6 +760,27 @@ def test_fusion_unlearns_the_poison_the_bounds_and_its_features_point_to(backdoo
     # stop 26), and the poison left labelled 0 keeps part of the backdoor
     assert found[False]["asr"] > 0.9 and found[True]["asr"] < found[False]["asr"] - 0.4
     assert found[True]["acc"] > 0.95
+
+
+def test_bounds_trust_a_fused_model_whose_poison_fusion_unlearned(backdoored) -> None:
+    """The gate names the target on the backdoored model and overrules the cap; in a
+    round whose fusion already unlearned the suspected poison (`trust_source`) the fit
+    takes MM-BM's reference instead: nothing overruled, no target named."""
+    model, images, ensemble = backdoored
+    _, labels = poisoned_task()
+    state = dict(model.state_dict())
+    fits = {}
+    for trusted in (False, True):
+        step = make_defense("activation-bounds", tiny, images, labels,
+                            BoundSettings(epochs=2, granularity="neuron"),
+                            ensemble_source=lambda: ensemble,
+                            trust_source=lambda trusted=trusted: trusted)
+        fits[trusted] = (step(2, state, [], []), step)
+    (gated, gating), (trusting_state, trusting) = fits[False], fits[True]
+    assert gating.history[-1]["gate-class"] == 0 and gating.named_target == 0
+    assert gating.history[-1]["overruled-share"] > 0.1
+    assert trusting.history[-1]["overruled-share"] == 0 and trusting.named_target is None
+    assert any(not torch.equal(gated[k], trusting_state[k]) for k in bound_keys(gated))
 
 
 def test_suspected_poison_is_what_sits_with_the_samples_the_bounds_flip() -> None:

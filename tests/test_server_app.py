@@ -83,3 +83,27 @@ def test_pretraining_time_leaves_out_the_round_zero_defense():
         model, (torch.rand(32, 1, 4, 4), torch.randint(0, 3, (32,))),
         FusionSettings(pretrain_epochs=1, batch_size=32), slow_defense)
     assert 0.0 < seconds < 0.5
+
+
+def test_the_defense_trusts_the_rounds_whose_fusion_unlearned_the_poison():
+    """The bounds step reads `Fusion.unlearning` each round (its `trust_source`)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from fmfl_flwr.app_config import parse_app_config
+    from fmfl_flwr.cli import app_defaults
+
+    def tiny():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+
+    config = parse_app_config({**app_defaults(), "fusion": True, "defense": "activation-bounds",
+                               "distill-unlearn-poison": True})
+    dataset = SimpleNamespace(train_x=np.zeros((40, 1, 4, 4), np.uint8),
+                              train_y=np.zeros(40, np.int64))
+    syn = (torch.rand(20, 1, 4, 4), torch.randint(0, 3, (20,)))
+    fusion, defense = server_app.server_steps(config, dataset, tiny, syn)
+    assert defense.trust_source() is False
+    fusion.unlearning = True
+    assert defense.trust_source() is True
