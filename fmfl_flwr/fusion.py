@@ -209,7 +209,8 @@ class Fusion:
         if self.settings.epochs == 0:
             return state
         ensure_bounds_for_state(model, state).load_state_dict(state)
-        target = self.target_source() if self.target_source else None
+        uses_target = self.settings.relabel_target or self.settings.unlearn_poison
+        target = self.target_source() if uses_target else None
         stats: dict[str, float] = {}
         labels = self._labels(target, stats)
         unlearn = self._suspects(model, target, stats)

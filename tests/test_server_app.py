@@ -85,25 +85,51 @@ def test_pretraining_time_leaves_out_the_round_zero_defense():
     assert 0.0 < seconds < 0.5
 
 
-def test_the_defense_trusts_the_rounds_whose_fusion_unlearned_the_poison():
-    """The bounds step reads `Fusion.unlearning` each round (its `trust_source`)."""
-    from types import SimpleNamespace
-
-    import numpy as np
+@pytest.mark.parametrize("defense", ["none", "mm-bm", "pruning", "clean-bounds-oracle"])
+def test_fusion_runs_beside_defenses_that_name_no_target(defense):
+    """FM-FL fusion without the gated defense: nothing to relabel or unlearn, and fusion
+    must not ask a missing defense for its target (it did from 08a895e to stop 28)."""
     import torch
 
     from fmfl_flwr.app_config import parse_app_config
     from fmfl_flwr.cli import app_defaults
 
-    def tiny():
-        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    config = parse_app_config({**app_defaults(), "defense": defense, "pretrain-epochs": 0})
+    syn = (torch.rand(20, 1, 4, 4), torch.randint(0, 3, (20,)))
+    fusion, _ = server_app.server_steps(config, _tiny_dataset(), _tiny, syn)
+    state = _tiny().state_dict()
+    fused = fusion(1, state, [state, state], [1.0, 1.0])
+    assert fused.keys() == state.keys() and fusion.history == [] and not fusion.unlearning
+
+
+def _tiny():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU(),
+                               torch.nn.Linear(8, 3))
+
+
+def _tiny_dataset():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    return SimpleNamespace(train_x=np.zeros((40, 1, 4, 4), np.uint8),
+                           train_y=np.zeros(40, np.int64))
+
+
+def test_the_defense_trusts_the_rounds_whose_fusion_unlearned_the_poison():
+    """The bounds step reads `Fusion.unlearning` each round (its `trust_source`)."""
+    import torch
+
+    from fmfl_flwr.app_config import parse_app_config
+    from fmfl_flwr.cli import app_defaults
 
     config = parse_app_config({**app_defaults(), "fusion": True, "defense": "activation-bounds",
                                "distill-unlearn-poison": True})
-    dataset = SimpleNamespace(train_x=np.zeros((40, 1, 4, 4), np.uint8),
-                              train_y=np.zeros(40, np.int64))
     syn = (torch.rand(20, 1, 4, 4), torch.randint(0, 3, (20,)))
-    fusion, defense = server_app.server_steps(config, dataset, tiny, syn)
+    fusion, defense = server_app.server_steps(config, _tiny_dataset(), _tiny, syn)
     assert defense.trust_source() is False
     fusion.unlearning = True
     assert defense.trust_source() is True
