@@ -97,7 +97,7 @@ def defense_step(config: ExperimentConfig, dataset, model_fn, syn, fusion: Fusio
         clean_x=to_float(dataset.train_x[public]),
         clean_y=torch.as_tensor(dataset.train_y[public]),
         ensemble_source=(lambda: fusion.last_ensemble_logits) if fusion else None,
-        trust_source=(lambda: fusion.unlearning) if fusion else None,
+        trust_source=(lambda: fusion.unlearned_share) if fusion else None,
     )
 
 

@@ -172,9 +172,10 @@ class Fusion:
     activation-bounds defense uses them as its clean reference under the FM threat. With
     `relabel_target` or `unlearn_poison`, `target_source` returns the class that defense
     named as a backdoor's target (`BoundsStep.named_target`, None while none is named);
-    `history` records what was relabelled or unlearned each round; `unlearning` says
-    whether this round's fusion taught a suspected poison away (the defense then trusts
-    the fused model: `BoundsStep`'s `trust_source`).
+    `history` records what was relabelled or unlearned each round; `unlearned_share` is
+    the share of D_syn this round's fusion taught away from the target (0: none), which
+    the defense reads to decide whether to trust the fused model (`BoundsStep`'s
+    `trust_source`).
 
     The suspected poison is found once per named target and kept (`suspected`): D_syn does
     not change, and once unlearning has worked the aggregate no longer carries the trigger,
@@ -198,7 +199,7 @@ class Fusion:
         self.last_ensemble_logits: torch.Tensor | None = None
         self.suspected: torch.Tensor | None = None
         self.suspected_target = -1
-        self.unlearning = False
+        self.unlearned_share = 0.0
         self.last_loss = float("nan")
         self.history: list[dict[str, float]] = []
 
@@ -214,7 +215,7 @@ class Fusion:
         stats: dict[str, float] = {}
         labels = self._labels(target, stats)
         unlearn = self._suspects(model, target, stats)
-        self.unlearning = unlearn is not None and bool(unlearn.any())
+        self.unlearned_share = 0.0 if unlearn is None else unlearn.float().mean().item()
         if stats:
             self.history.append({"round": float(server_round), **stats})
         torch.manual_seed(self.settings.seed * 7919 + server_round)

@@ -38,6 +38,7 @@ from fmfl_flwr.defense.objectives import (
     trimmed_weights,
 )
 from fmfl_flwr.defense.optimise import _agreement, _verified
+from fmfl_flwr.defense.steps import settings_after_unlearning
 from fmfl_flwr.fusion import (
     Fusion,
     FusionSettings,
@@ -742,10 +743,11 @@ def test_fusion_unlearns_the_poison_the_bounds_and_its_features_point_to(backdoo
         found[unlearn] = {
             "acc": (student(test_x).argmax(1) == test_y).float().mean().item(),
             "asr": (student(CORNER.stamp(others)).argmax(1) == 0).float().mean().item(),
-            "suspected": fusion.suspected, "unlearning": fusion.unlearning}
+            "suspected": fusion.suspected, "unlearned": fusion.unlearned_share}
     suspected = found[True]["suspected"]
     assert found[False]["suspected"] is None
-    assert found[True]["unlearning"] and not found[False]["unlearning"]
+    assert found[True]["unlearned"] == suspected.float().mean().item() > 0
+    assert found[False]["unlearned"] == 0.0
     assert poison[suspected].float().mean() > 0.9 and suspected[poison].float().mean() > 0.5
     # a later aggregate without the backdoor, served with the same bounds: the split found
     # while the trigger was there is kept, not redone on what the bounds flip now
@@ -762,25 +764,39 @@ def test_fusion_unlearns_the_poison_the_bounds_and_its_features_point_to(backdoo
     assert found[True]["acc"] > 0.95
 
 
-def test_bounds_trust_a_fused_model_whose_poison_fusion_unlearned(backdoored) -> None:
-    """The gate names the target on the backdoored model and overrules the cap; in a
-    round whose fusion already unlearned the suspected poison (`trust_source`) the fit
-    takes MM-BM's reference instead: nothing overruled, no target named."""
+def test_bounds_trust_a_fused_model_only_where_fusion_unlearned_what_the_gate_saw(
+        backdoored) -> None:
+    """The gate names the target on the backdoored model and overrules the cap. Next
+    round, a fusion that unlearned at least the gate's finding (`trust_source`) gets
+    MM-BM's reference (nothing overruled); one that unlearned less gets the cap overruled
+    even where the gate's share would not pass."""
     model, images, ensemble = backdoored
     _, labels = poisoned_task()
     state = dict(model.state_dict())
-    fits = {}
-    for trusted in (False, True):
-        step = make_defense("activation-bounds", tiny, images, labels,
-                            BoundSettings(epochs=2, granularity="neuron"),
-                            ensemble_source=lambda: ensemble,
-                            trust_source=lambda trusted=trusted: trusted)
-        fits[trusted] = (step(2, state, [], []), step)
-    (gated, gating), (trusting_state, trusting) = fits[False], fits[True]
-    assert gating.history[-1]["gate-class"] == 0 and gating.named_target == 0
-    assert gating.history[-1]["overruled-share"] > 0.1
-    assert trusting.history[-1]["overruled-share"] == 0 and trusting.named_target is None
-    assert any(not torch.equal(gated[k], trusting_state[k]) for k in bound_keys(gated))
+    unlearned = [0.0]
+    step = make_defense("activation-bounds", tiny, images, labels,
+                        BoundSettings(epochs=2, granularity="neuron"),
+                        ensemble_source=lambda: ensemble, trust_source=lambda: unlearned[0])
+    step(1, state, [], [])
+    first = step.history[-1]
+    assert first["gate-class"] == 0 and step.named_target == 0
+    assert step.gate_finding == first["cap-top-class-share"] * first["overruled-share"] > 0.1
+    unlearned[0] = step.gate_finding
+    step(2, state, [], [])
+    assert step.history[-1]["overruled-share"] == 0 and step.history[-1]["gate-class"] == -1
+    unlearned[0] = step.gate_finding / 2
+    step(3, state, [], [])
+    assert step.history[-1]["overruled-share"] == first["overruled-share"]
+    assert step.named_target == 0
+
+
+def test_after_unlearning_the_fit_trusts_or_overrules_by_what_the_gate_saw() -> None:
+    settings = BoundSettings(overrule_gate=0.5)
+    assert settings_after_unlearning(settings, 0.0, 0.15) == settings
+    assert settings_after_unlearning(settings, 0.18, 0.15) == replace(settings,
+                                                                       objective="mm-bm")
+    assert settings_after_unlearning(settings, 0.06, 0.15) == replace(settings,
+                                                                       overrule_gate=0.0)
 
 
 def test_suspected_poison_is_what_sits_with_the_samples_the_bounds_flip() -> None:
