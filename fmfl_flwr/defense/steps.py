@@ -137,8 +137,8 @@ class BoundsStep:
 
     @property
     def gate_finding(self) -> float:
-        """The share of the samples that the gate last named a target with: the overruled
-        share of them in the named class (0 until a gate passes)."""
+        """What the gate last named a target on: the share of that round's samples it
+        overruled in the named class (0 until a gate passes)."""
         named = [h for h in self.history if h["gate-class"] >= 0]
         if not named:
             return 0.0
