@@ -105,7 +105,7 @@ def server_steps(config: ExperimentConfig, dataset, model_fn, syn):
     """FM-FL fusion (None without it) and the post-fusion defense (None for "none").
 
     Each reads the other's latest output: the defense the ensemble logits fusion computed
-    and whether it unlearned a suspected poison, fusion (with `distill-relabel-target` or
+    and the share of D_syn it unlearned, fusion (with `distill-relabel-target` or
     `distill-unlearn-poison`) the target the defense's gate named.
     """
     fusion = Fusion(model_fn, *syn, fusion_settings(config),

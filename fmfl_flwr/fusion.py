@@ -215,7 +215,7 @@ class Fusion:
         stats: dict[str, float] = {}
         labels = self._labels(target, stats)
         unlearn = self._suspects(model, target, stats)
-        self.unlearned_share = 0.0 if unlearn is None else unlearn.float().mean().item()
+        self.unlearned_share = stats.get("unlearned-share", 0.0)
         if stats:
             self.history.append({"round": float(server_round), **stats})
         torch.manual_seed(self.settings.seed * 7919 + server_round)

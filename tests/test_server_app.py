@@ -44,16 +44,11 @@ def test_round_zero_defends_the_pretrained_model_before_clients_get_it():
     from fmfl_flwr.defense import BoundSettings, bound_keys, make_defense
     from fmfl_flwr.fusion import FusionSettings
 
-    def tiny():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU(),
-                                   torch.nn.Linear(8, 3))
-
     images = torch.rand(120, 1, 4, 4)
     labels = torch.randint(0, 3, (120,))
-    step = make_defense("activation-bounds", tiny, images, labels,
+    step = make_defense("activation-bounds", _tiny, images, labels,
                         BoundSettings(epochs=1, max_samples=60))
-    model = tiny()
+    model = _tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     server_app.pretrain_and_defend(model, (images, labels),
                                    FusionSettings(pretrain_epochs=1, batch_size=32), step)

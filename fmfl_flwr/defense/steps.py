@@ -139,17 +139,19 @@ class BoundsStep:
     def gate_finding(self) -> float:
         """What the gate last named a target on: the share of that round's samples it
         overruled in the named class (0 until a gate passes)."""
-        named = [h for h in self.history if h["gate-class"] >= 0]
-        if not named:
-            return 0.0
-        return named[-1]["cap-top-class-share"] * named[-1]["overruled-share"]
+        named = self._last_naming()
+        return named["cap-top-class-share"] * named["overruled-share"] if named else 0.0
 
     @property
     def named_target(self) -> int | None:
         """The class the overrule gate last named as a backdoor's target (None until one
         passes); it stays named when later gates close, since D_syn's poison stays."""
-        named = [h["gate-class"] for h in self.history if h["gate-class"] >= 0]
-        return int(named[-1]) if named else None
+        named = self._last_naming()
+        return int(named["gate-class"]) if named else None
+
+    def _last_naming(self) -> dict[str, float] | None:
+        """The stats of the last round whose overrule gate named a target (None: none)."""
+        return next((h for h in reversed(self.history) if h["gate-class"] >= 0), None)
 
 
 class PruningStep:
