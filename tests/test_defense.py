@@ -790,6 +790,19 @@ def test_bounds_trust_a_fused_model_only_where_fusion_unlearned_what_the_gate_sa
     assert step.named_target == 0
 
 
+def test_the_gate_finding_is_the_most_the_gate_overruled_in_the_named_class() -> None:
+    """A forced round's cap, fitted after fusion unlearned part of the poison, sees less
+    of it; the finding that decides trust keeps the largest round for the named target."""
+    step = BoundsStep(tiny, torch.zeros(1, 1), torch.zeros(1), BoundSettings())
+    assert step.gate_finding == 0.0 and step.named_target is None
+
+    def gate(target: float, top: float, overruled: float) -> dict[str, float]:
+        return {"gate-class": target, "cap-top-class-share": top, "overruled-share": overruled}
+    step.history = [gate(3, 0.9, 0.4), gate(0, 0.8, 0.2), gate(-1, 0.0, 0.0), gate(0, 0.4, 0.2)]
+    assert step.named_target == 0
+    assert step.gate_finding == pytest.approx(0.16)  # round 2's, not round 4's 0.08 nor 3's
+
+
 def test_after_unlearning_the_fit_trusts_or_overrules_by_what_the_gate_saw() -> None:
     settings = BoundSettings(overrule_gate=0.5)
     assert settings_after_unlearning(settings, 0.0, 0.15) == settings

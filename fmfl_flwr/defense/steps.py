@@ -73,7 +73,7 @@ class BoundsStep:
     here from the client states, on the round's subset only.
 
     `trust_source` returns the share of D_syn fusion taught away from the named target this
-    round (`Fusion.unlearned_share`, 0: none). A share that covers what the gate last
+    round (`Fusion.unlearned_share`, 0: none). A share that covers the most the gate
     overruled in that class (`gate_finding`) means fusion has removed the poison: the
     fused model is trusted, MM-BM's reference; overruling it again is the non-IID
     ensemble's errors at work (stop 28: a gate passing at 52% cost 3 points of ACC on a
@@ -137,21 +137,20 @@ class BoundsStep:
 
     @property
     def gate_finding(self) -> float:
-        """What the gate last named a target on: the share of that round's samples it
-        overruled in the named class (0 until a gate passes)."""
-        named = self._last_naming()
-        return named["cap-top-class-share"] * named["overruled-share"] if named else 0.0
+        """The most the gate overruled in the named class in any round that named it, as a
+        share of that round's samples (0 until a gate passes). The largest, not the last:
+        a forced round's cap, fitted on a fused model that unlearned part of the poison,
+        sees less of it (CIFAR-10, stop 28: 7.4% after 13.9%), yet the rest is still there."""
+        target = self.named_target
+        return max((h["cap-top-class-share"] * h["overruled-share"] for h in self.history
+                    if h["gate-class"] == target), default=0.0)
 
     @property
     def named_target(self) -> int | None:
         """The class the overrule gate last named as a backdoor's target (None until one
         passes); it stays named when later gates close, since D_syn's poison stays."""
-        named = self._last_naming()
+        named = next((h for h in reversed(self.history) if h["gate-class"] >= 0), None)
         return int(named["gate-class"]) if named else None
-
-    def _last_naming(self) -> dict[str, float] | None:
-        """The stats of the last round whose overrule gate named a target (None: none)."""
-        return next((h for h in reversed(self.history) if h["gate-class"] >= 0), None)
 
 
 class PruningStep:
