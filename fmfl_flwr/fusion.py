@@ -105,18 +105,20 @@ def flipped_from_target(labels: torch.Tensor, unbounded_logits: torch.Tensor,
 
 def suspected_poison(features: torch.Tensor, unbounded_logits: torch.Tensor,
                      bounded_logits: torch.Tensor, labels: torch.Tensor,
-                     target: int) -> torch.Tensor:
+                     target: int, max_steps: int = 20) -> torch.Tensor:
     """Which samples labelled `target` sit with the poison: a boolean mask over `labels`.
 
     Last round's bounds cut the trigger where they work: the samples labelled `target` that
     the model calls `target` without its bounds and not with them are mostly the poison,
     and those the bounds keep at `target` mostly the clean images of that class. The
-    trigger dominates the poison's penultimate features (`features`), so a sample labelled
-    `target` is suspected when it is nearer (cosine) the flipped samples' mean feature than
-    the kept ones'. That reaches the poison the bounds and the client ensemble both miss:
-    on Fashion-MNIST Dirichlet 0.1 the feature split separated it from the clean images
-    of the class perfectly (stop 19, `bench/overrule_choice.py`). Nothing is suspected
-    until the bounds both flip and keep some.
+    trigger dominates the poison's penultimate features (`features`), so the split starts
+    from the samples nearer (cosine) the flipped ones' mean feature than the kept ones'.
+    Where the bounds flip little and keep much of the poison (CIFAR-10 ResNet-18), that
+    start holds a third to two thirds of it; 2-means from there (each side's mean is the
+    next centroid, at most `max_steps` times) reaches 88-100% of it at over 99% precision
+    (stop 29, `bench/split_census.py`). 2-means may swap the sides, so the side holding
+    more of the flipped samples is the poison's. Nothing is suspected until the bounds
+    both flip and keep some.
     """
     mine = labels == target
     flipped = flipped_from_target(labels, unbounded_logits, bounded_logits, target)
@@ -124,9 +126,22 @@ def suspected_poison(features: torch.Tensor, unbounded_logits: torch.Tensor,
     if not flipped.any() or not kept.any():
         return torch.zeros_like(mine)
     unit = F.normalize(features.float(), dim=1)
-    toward_poison = unit @ F.normalize(unit[flipped].mean(0), dim=0)
-    toward_class = unit @ F.normalize(unit[kept].mean(0), dim=0)
-    return mine & (toward_poison > toward_class)
+
+    def nearer_first(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        toward_first = unit @ F.normalize(unit[first].mean(0), dim=0)
+        return mine & (toward_first > unit @ F.normalize(unit[second].mean(0), dim=0))
+
+    suspected = nearer_first(flipped, kept)
+    for _ in range(max_steps):
+        if not suspected.any() or not (mine & ~suspected).any():
+            return suspected
+        moved = nearer_first(suspected, mine & ~suspected)
+        if torch.equal(moved, suspected) or not moved.any() or moved.equal(mine):
+            break
+        suspected = moved
+    if (flipped & suspected).sum() < (flipped & ~suspected).sum():
+        return mine & ~suspected
+    return suspected
 
 
 def distill(model: nn.Module, teacher_logits: torch.Tensor, syn_x: torch.Tensor,

@@ -827,6 +827,40 @@ def test_suspected_poison_is_what_sits_with_the_samples_the_bounds_flip() -> Non
     assert not suspected_poison(features, to_target, to_target, labels, target=0).any()
 
 
+def degrees(*angles: float) -> torch.Tensor:
+    """Unit features at these angles: the split works on cosines only."""
+    radians = torch.tensor(angles) * torch.pi / 180
+    return torch.stack([radians.cos(), radians.sin()], 1)
+
+
+def test_the_split_follows_the_poison_where_the_bounds_keep_most_of_it() -> None:
+    """The bounds flip one poisoned sample (0 degrees) and keep the rest of the poison
+    (10-30) beside the clean images (90): the kept mean leans to the poison, so the start
+    misses the poison at 25-30 degrees; 2-means from there takes it all, and only it."""
+    features = degrees(0, 10, 20, 25, 30, 30, 90, 92, 88, 200)
+    labels = torch.tensor([0] * 9 + [1])
+    unbounded = torch.nn.functional.one_hot(torch.zeros(10, dtype=torch.long), 2).float()
+    bounded = unbounded.clone()
+    bounded[0] = torch.tensor([0.0, 1.0])
+    start = suspected_poison(features, unbounded, bounded, labels, target=0, max_steps=0)
+    assert start.tolist() == [True] * 3 + [False] * 7
+    suspected = suspected_poison(features, unbounded, bounded, labels, target=0)
+    assert suspected.tolist() == [True] * 6 + [False] * 4
+
+
+def test_the_split_keeps_the_side_that_holds_most_of_the_flipped_samples() -> None:
+    """Most of the flipped samples are poison (0 and 5 degrees), one is clean (90): their
+    mean lies nearer the clean images than the kept mean does, so the nearer side is the
+    clean images; the poison's side is the one with more flipped samples."""
+    features = degrees(0, 5, 2, 4, 6, 8, 3, 7, 90, 88, 92)
+    labels = torch.zeros(11, dtype=torch.long)
+    unbounded = torch.nn.functional.one_hot(torch.zeros(11, dtype=torch.long), 2).float()
+    bounded = unbounded.clone()
+    bounded[[0, 1, 8]] = torch.tensor([0.0, 1.0])
+    suspected = suspected_poison(features, unbounded, bounded, labels, target=0)
+    assert suspected.tolist() == [True] * 8 + [False] * 3
+
+
 def test_bounds_step_keeps_the_target_its_gate_named(trained) -> None:
     """A round whose gate names a class makes it the step's `named_target`; a later round
     that overrules nothing (`gate-class` -1) leaves it named."""
