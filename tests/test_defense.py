@@ -848,17 +848,20 @@ def test_the_split_follows_the_poison_where_the_bounds_keep_most_of_it() -> None
     assert suspected.tolist() == [True] * 6 + [False] * 4
 
 
-def test_the_split_keeps_the_side_that_holds_most_of_the_flipped_samples() -> None:
-    """Most of the flipped samples are poison (0 and 5 degrees), one is clean (90): their
-    mean lies nearer the clean images than the kept mean does, so the nearer side is the
-    clean images; the poison's side is the one with more flipped samples."""
-    features = degrees(0, 5, 2, 4, 6, 8, 3, 7, 90, 88, 92)
-    labels = torch.zeros(11, dtype=torch.long)
-    unbounded = torch.nn.functional.one_hot(torch.zeros(11, dtype=torch.long), 2).float()
+def test_the_split_keeps_the_side_that_holds_most_of_its_start() -> None:
+    """The bounds flip one poisoned (5 degrees) and one clean image (55): the start holds
+    three poisoned images (30-35) and both clean ones (55, 100), and 2-means from there
+    ends with only the clean ones on its side. The poison's side is the one holding more
+    of the start (here three of five), though the flipped samples are split evenly."""
+    features = degrees(0, 5, 15, 20, 20, 30, 30, 35, 55, 100)
+    labels = torch.zeros(10, dtype=torch.long)
+    unbounded = torch.nn.functional.one_hot(torch.zeros(10, dtype=torch.long), 2).float()
     bounded = unbounded.clone()
-    bounded[[0, 1, 8]] = torch.tensor([0.0, 1.0])
+    bounded[[1, 8]] = torch.tensor([0.0, 1.0])
+    start = suspected_poison(features, unbounded, bounded, labels, target=0, max_steps=0)
+    assert start.tolist() == [False] * 5 + [True] * 5
     suspected = suspected_poison(features, unbounded, bounded, labels, target=0)
-    assert suspected.tolist() == [True] * 8 + [False] * 3
+    assert suspected.tolist() == [True] * 8 + [False] * 2
 
 
 def test_bounds_step_keeps_the_target_its_gate_named(trained) -> None:
