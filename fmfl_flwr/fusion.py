@@ -116,9 +116,9 @@ def suspected_poison(features: torch.Tensor, unbounded_logits: torch.Tensor,
     Where the bounds flip little and keep much of the poison (CIFAR-10 ResNet-18), that
     start holds a third to two thirds of it; 2-means from there (each side's mean is the
     next centroid, at most `max_steps` times) reaches 88-100% of it at over 99% precision
-    (stop 29, `bench/split_census.py`). Where the start holds the poison and some clean
-    images, its side can drift to the clean images while the other gathers the poison, so
-    the poison's side is the one holding more of the start. Nothing is suspected until the
+    (stop 29, `bench/split_census.py`). 2-means may end with the start's side on clean
+    images and the other side on the poison, so the poison's side is the one holding more
+    of the flipped samples (a tie: more of the start). Nothing is suspected until the
     bounds both flip and keep some.
     """
     mine = labels == target
@@ -132,6 +132,9 @@ def suspected_poison(features: torch.Tensor, unbounded_logits: torch.Tensor,
         toward_first = unit @ F.normalize(unit[first].mean(0), dim=0)
         return mine & (toward_first > unit @ F.normalize(unit[second].mean(0), dim=0))
 
+    def holds(side: torch.Tensor) -> tuple[int, int]:
+        return int((flipped & side).sum()), int((start & side).sum())
+
     start = suspected = nearer_first(flipped, kept)
     for _ in range(max_steps):
         if not suspected.any() or not (mine & ~suspected).any():
@@ -140,9 +143,7 @@ def suspected_poison(features: torch.Tensor, unbounded_logits: torch.Tensor,
         if torch.equal(moved, suspected) or not moved.any() or moved.equal(mine):
             break
         suspected = moved
-    if (start & suspected).sum() < (start & ~suspected).sum():
-        return mine & ~suspected
-    return suspected
+    return suspected if holds(suspected) >= holds(mine & ~suspected) else mine & ~suspected
 
 
 def distill(model: nn.Module, teacher_logits: torch.Tensor, syn_x: torch.Tensor,

@@ -848,16 +848,36 @@ def test_the_split_follows_the_poison_where_the_bounds_keep_most_of_it() -> None
     assert suspected.tolist() == [True] * 6 + [False] * 4
 
 
-def test_the_split_keeps_the_side_that_holds_most_of_its_start() -> None:
+def flip(count: int, flipped: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labels (all the target), unbounded and bounded logits: the bounds flip `flipped`."""
+    labels = torch.zeros(count, dtype=torch.long)
+    unbounded = torch.nn.functional.one_hot(labels, 2).float()
+    bounded = unbounded.clone()
+    bounded[flipped] = torch.tensor([0.0, 1.0])
+    return labels, unbounded, bounded
+
+
+def test_the_split_keeps_the_side_that_holds_more_of_the_flipped_samples() -> None:
+    """The bounds flip one poisoned image (35 degrees); the start is it and the four clean
+    images (55-115), and 2-means ends with the clean ones on that side. The poison's side
+    is the one with the flipped sample (CIFAR-10 Dirichlet, round 1: the start held 43%
+    poison, the flipped samples 85%), not the one holding more of the start."""
+    features = degrees(0, 0, 5, 10, 10, 15, 20, 35, 55, 55, 100, 115)
+    labels, unbounded, bounded = flip(12, [7])
+    start = suspected_poison(features, unbounded, bounded, labels, target=0, max_steps=0)
+    assert start.tolist() == [False] * 7 + [True] * 5
+    suspected = suspected_poison(features, unbounded, bounded, labels, target=0)
+    assert suspected.tolist() == [True] * 8 + [False] * 4
+
+
+def test_on_a_tie_of_flipped_samples_the_split_keeps_the_side_holding_more_of_its_start(
+        ) -> None:
     """The bounds flip one poisoned (5 degrees) and one clean image (55): the start holds
     three poisoned images (30-35) and both clean ones (55, 100), and 2-means from there
-    ends with only the clean ones on its side. The poison's side is the one holding more
-    of the start (here three of five), though the flipped samples are split evenly."""
+    ends with only the clean ones on its side. The flipped samples split evenly, so the
+    side holding more of the start (three of five) is the poison's."""
     features = degrees(0, 5, 15, 20, 20, 30, 30, 35, 55, 100)
-    labels = torch.zeros(10, dtype=torch.long)
-    unbounded = torch.nn.functional.one_hot(torch.zeros(10, dtype=torch.long), 2).float()
-    bounded = unbounded.clone()
-    bounded[[1, 8]] = torch.tensor([0.0, 1.0])
+    labels, unbounded, bounded = flip(10, [1, 8])
     start = suspected_poison(features, unbounded, bounded, labels, target=0, max_steps=0)
     assert start.tolist() == [False] * 5 + [True] * 5
     suspected = suspected_poison(features, unbounded, bounded, labels, target=0)
