@@ -39,13 +39,18 @@ def with_default_fm(config: ExperimentConfig) -> ExperimentConfig:
 
 
 def fusion_settings(config: ExperimentConfig) -> FusionSettings:
-    """FM-FL fusion's knobs of a run config."""
+    """FM-FL fusion's knobs of a run config.
+
+    `distill-unlearn-poison` (on by default) acts only with the activation-bounds defense:
+    no other defense names a target, so the baselines' runs keep plain fusion.
+    """
     return FusionSettings(config.pretrain_epochs, config.distill_epochs, config.distill_alpha,
                           config.distill_tau, config.distill_lr, config.distill_batch_size,
                           config.seed, through_bounds=config.distill_bounds,
                           relabel_target=config.distill_relabel_target,
                           relabel_cap=config.bounds_overrule_cap,
-                          unlearn_poison=config.distill_unlearn_poison)
+                          unlearn_poison=config.distill_unlearn_poison and
+                          config.defense == "activation-bounds")
 
 
 def bound_settings(config: ExperimentConfig) -> BoundSettings:

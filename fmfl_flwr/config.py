@@ -69,8 +69,9 @@ class ExperimentConfig:
     distill_bounds: bool = False  # fusion distils with the served bounds off (docs/defense.md)
     # fusion relabels the named target's disputed D_syn labels (docs/defense.md)
     distill_relabel_target: bool = False
-    # fusion teaches the named target's suspected poison away from it (docs/defense.md)
-    distill_unlearn_poison: bool = False
+    # fusion teaches the named target's suspected poison away from it (docs/defense.md);
+    # acts only where fusion runs with activation-bounds, whose overrule gate names targets
+    distill_unlearn_poison: bool = True
     defense: str = "activation-bounds"  # checked against the registry (fmfl_flwr.app_config)
     # activation-bounds knobs (fmfl_flwr.defense.BoundSettings; docs/defense.md)
     bounds_objective: str = field(default="ensemble-switch", metadata=_choices(
@@ -171,14 +172,13 @@ class ExperimentConfig:
                 f"fm-attack={self.fm_attack!r} needs fusion=true: the FM only reaches the "
                 "model through FM-FL pre-training and fusion"
             )
-        for key, on in (("distill-relabel-target", self.distill_relabel_target),
-                        ("distill-unlearn-poison", self.distill_unlearn_poison)):
-            if on and (not self.fusion or self.defense != "activation-bounds"):
-                raise ConfigError(
-                    f"{key}=true needs fusion=true and defense='activation-bounds' (the "
-                    "defense whose overrule gate names the target); got "
-                    f"fusion={self.fusion}, defense={self.defense!r}"
-                )
+        if self.distill_relabel_target and (not self.fusion or
+                                            self.defense != "activation-bounds"):
+            raise ConfigError(
+                "distill-relabel-target=true needs fusion=true and "
+                "defense='activation-bounds' (the defense whose overrule gate names the "
+                f"target); got fusion={self.fusion}, defense={self.defense!r}"
+            )
 
     def to_run_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}

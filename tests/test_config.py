@@ -57,11 +57,21 @@ def test_fm_attack_needs_fusion():
 
 @pytest.mark.parametrize("setting", [{"defense": "none"}, {"defense": "mm-bm"},
                                      {"fusion": False, "fm-attack": "none"}])
-@pytest.mark.parametrize("key", ["distill-relabel-target", "distill-unlearn-poison"])
-def test_fusion_on_the_named_target_needs_fusion_and_the_gated_defense(key, setting):
-    with pytest.raises(ConfigError, match=f"{key}=true needs fusion=true and "
+def test_relabelling_the_named_target_needs_fusion_and_the_gated_defense(setting):
+    with pytest.raises(ConfigError, match="distill-relabel-target=true needs fusion=true and "
                                           "defense='activation-bounds'"):
-        ExperimentConfig.from_run_config({key: True, **setting})
+        ExperimentConfig.from_run_config({"distill-relabel-target": True, **setting})
+
+
+@pytest.mark.parametrize(("setting", "unlearns"), [
+    ({}, True), ({"defense": "none"}, False), ({"defense": "mm-bm"}, False),
+    ({"distill-unlearn-poison": False}, False)])
+def test_unlearning_the_named_target_acts_only_with_the_gated_defense(setting, unlearns):
+    """On by default; a baseline's run keeps plain fusion instead of being refused."""
+    from fmfl_flwr.app_config import fusion_settings
+
+    config = ExperimentConfig.from_run_config(setting)
+    assert fusion_settings(config).unlearn_poison is unlearns
 
 
 def test_int_lists():
