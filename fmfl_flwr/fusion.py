@@ -113,13 +113,13 @@ def suspected_poison(features: torch.Tensor, unbounded_logits: torch.Tensor,
     and those the bounds keep at `target` mostly the clean images of that class. The
     trigger dominates the poison's penultimate features (`features`), so the split starts
     from the samples nearer (cosine) the flipped ones' mean feature than the kept ones'.
-    Where the bounds flip little and keep much of the poison (CIFAR-10 ResNet-18), that
-    start holds a third to two thirds of it; 2-means from there (each side's mean is the
-    next centroid, at most `max_steps` times) reaches 88-100% of it at over 99% precision
-    (stop 29, `bench/split_census.py`). 2-means may end with the start's side on clean
-    images and the other side on the poison, so the poison's side is the one holding more
-    of the flipped samples (a tie: more of the start). Nothing is suspected until the
-    bounds both flip and keep some.
+    On CIFAR-10 ResNet-18 that start held 35-82% of the poison in served models; 2-means
+    from there (each side's mean is the next centroid, at most `max_steps` times) held
+    87.5-99.7% at over 99% precision (stop 29, `bench/split_census.py`), and on the
+    aggregates Flower runs split, 52% and 79% (`bench/kept_split.py`). 2-means may end
+    with the start's side on clean images and the other side on the poison, so the
+    poison's side is the one holding more of the flipped samples (a tie: more of the
+    start). Nothing is suspected until the bounds both flip and keep some.
     """
     mine = labels == target
     flipped = flipped_from_target(labels, unbounded_logits, bounded_logits, target)
