@@ -18,32 +18,22 @@ import platform
 from pathlib import Path
 
 import torch
+from served_vs_fused import recorded_config  # the sibling benches' run readers
+from split_census import census, poisoned_dsyn
 
-from fmfl_flwr.app_config import parse_app_config, with_default_fm
 from fmfl_flwr.checkpoint import FILE
-from fmfl_flwr.cli import app_defaults
-from fmfl_flwr.foundation import synthetic_set_for_config
 
 
 def measure(run_dir: Path, checkpoint: Path) -> dict:
-    recorded = json.loads((run_dir / "config.json").read_text())["run_config"]
-    defaults = app_defaults()  # keys a later commit removed do not matter here
-    config = parse_app_config({**defaults, **{k: v for k, v in recorded.items()
-                                              if k in defaults}})
-    syn = synthetic_set_for_config(with_default_fm(config))
-    clean_config = parse_app_config({**config.to_run_config(), "fm-attack": "none"})
-    clean = synthetic_set_for_config(with_default_fm(clean_config))
-    poisoned = (syn.images != clean.images).flatten(1).any(1)
+    config, commit = recorded_config(run_dir, "")
+    _, poisoned = poisoned_dsyn(config)
     payload = torch.load(checkpoint, weights_only=False)
     fusion = payload["steps"].get("fusion", {})
     kept = fusion.get("suspected")
-    row = {"run": str(run_dir), "checkpoint-round": payload["round"],
+    row = {"run": str(run_dir), "commit": commit, "checkpoint-round": payload["round"],
            "poisoned-share": poisoned.float().mean().item(), "kept": kept is not None}
     if kept is not None:
-        row.update({"target": fusion["suspected_target"],
-                    "share-of-dsyn": kept.float().mean().item(),
-                    "poisoned-among": poisoned[kept].float().mean().item(),
-                    "poisoned-caught": kept[poisoned].float().mean().item()})
+        row.update({"target": fusion["suspected_target"], **census(kept, poisoned)})
     return row
 
 

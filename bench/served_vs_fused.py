@@ -30,16 +30,22 @@ from fmfl_flwr.models import build_model
 from fmfl_flwr.partition import public_split
 
 
-def load_run(run_dir: Path, data_dir: str):
-    """A finished run's config (as recorded), data set, recorded commit and final model."""
+def recorded_config(run_dir: Path, data_dir: str):
+    """A run's config as its `config.json` recorded it, and the recorded commit."""
     recorded = json.loads((run_dir / "config.json").read_text())
     defaults = app_defaults()  # keys a later commit removed do not matter to evaluation
     known = {k: v for k, v in recorded["run_config"].items() if k in defaults}
     config = parse_app_config({**defaults, **known, "data-dir": data_dir})
+    return config, recorded.get("git_commit")
+
+
+def load_run(run_dir: Path, data_dir: str):
+    """A finished run's config (as recorded), data set, recorded commit and final model."""
+    config, commit = recorded_config(run_dir, data_dir)
     dataset = load_dataset(config.dataset, config.data_dir)
     model = build_model(config.model, config.dataset, dataset.num_classes, config.model_width)
     state = torch.load(run_dir / "model.pt", weights_only=True)
-    return config, dataset, recorded.get("git_commit"), load_state_with_bounds(model, state)
+    return config, dataset, commit, load_state_with_bounds(model, state)
 
 
 def measure(run_dir: Path, data_dir: str) -> dict:

@@ -24,13 +24,24 @@ import torch
 from served_vs_fused import load_run  # the sibling bench's loader of a finished run
 
 from fmfl_flwr.app_config import parse_app_config, with_default_fm
+from fmfl_flwr.config import ExperimentConfig
 from fmfl_flwr.defense.bounds import bounds_disabled
-from fmfl_flwr.foundation import synthetic_set_for_config
+from fmfl_flwr.foundation import SyntheticSet, synthetic_set_for_config
 from fmfl_flwr.fusion import flipped_from_target, suspected_poison
 from fmfl_flwr.training import logits_and_features, predict_logits
 
 
+def poisoned_dsyn(config: ExperimentConfig) -> tuple[SyntheticSet, torch.Tensor]:
+    """The run's D_syn and which of its samples the FM attack poisoned: those that differ
+    from the clean D_syn of the same FM and seed (both cached on disk)."""
+    syn = synthetic_set_for_config(with_default_fm(config))
+    clean_config = parse_app_config({**config.to_run_config(), "fm-attack": "none"})
+    clean = synthetic_set_for_config(with_default_fm(clean_config))
+    return syn, (syn.images != clean.images).flatten(1).any(1)
+
+
 def census(chosen: torch.Tensor, poisoned: torch.Tensor) -> dict[str, float]:
+    """A split's share of D_syn, its precision and its recall against the poison."""
     return {"share-of-dsyn": chosen.float().mean().item(),
             "poisoned-among": poisoned[chosen].float().mean().item() if chosen.any() else 0.0,
             "poisoned-caught": chosen[poisoned].float().mean().item()}
@@ -39,10 +50,7 @@ def census(chosen: torch.Tensor, poisoned: torch.Tensor) -> dict[str, float]:
 def measure(run_dir: Path, data_dir: str) -> dict:
     config, _, commit, model = load_run(run_dir, data_dir)
     model.eval()
-    syn = synthetic_set_for_config(with_default_fm(config))
-    clean_config = parse_app_config({**config.to_run_config(), "fm-attack": "none"})
-    clean = synthetic_set_for_config(with_default_fm(clean_config))
-    poisoned = (syn.images != clean.images).flatten(1).any(1)
+    syn, poisoned = poisoned_dsyn(config)
     target = config.target_label
     bounded = predict_logits(model, syn.images)
     with bounds_disabled(model):

@@ -136,11 +136,11 @@ def suspected_poison(features: torch.Tensor, unbounded_logits: torch.Tensor,
         return int((flipped & side).sum()), int((start & side).sum())
 
     start = suspected = nearer_first(flipped, kept)
+    if not start.any() or start.equal(mine):
+        return start  # one side is empty: no two means to refine, no side to choose
     for _ in range(max_steps):
-        if not suspected.any() or not (mine & ~suspected).any():
-            return suspected
         moved = nearer_first(suspected, mine & ~suspected)
-        if torch.equal(moved, suspected) or not moved.any() or moved.equal(mine):
+        if moved.equal(suspected) or not moved.any() or moved.equal(mine):
             break
         suspected = moved
     return suspected if holds(suspected) >= holds(mine & ~suspected) else mine & ~suspected
