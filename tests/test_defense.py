@@ -764,6 +764,33 @@ def test_fusion_unlearns_the_poison_the_bounds_and_its_features_point_to(backdoo
     assert found[True]["acc"] > 0.95
 
 
+def test_the_split_is_sought_on_the_model_last_served_not_the_aggregate(backdoored) -> None:
+    """Round 1 fuses the backdoored model and the bounds are fitted on what fusion made;
+    round 2's aggregate is a clean model under those bounds (the clients' training blurs
+    the poison's features). The target is named in round 2, and the split is found on the
+    model the gate judged, last round's fused weights under its bounds: the poison."""
+    model, images, ensemble = backdoored
+    _, labels = poisoned_task()
+    poison = labels != task(900)[1]
+    clean = tiny()
+    train_epochs(clean, *task(900), 6, 64, 0.1, 0, device=torch.device("cpu"))
+    target = [None]
+    fusion = Fusion(tiny, images, labels,
+                    FusionSettings(epochs=1, alpha=0.9, lr=0.01, unlearn_poison=True),
+                    target_source=lambda: target[0])
+    fused = fusion(1, dict(attach_bounds(copy.deepcopy(model)).state_dict()),
+                   [clean.state_dict()], [1.0])
+    served = attach_bounds(tiny())
+    served.load_state_dict(fused)
+    optimise_bounds(served, images, labels, ensemble, BoundSettings(granularity="neuron"))
+    bounds = {k: v for k, v in served.state_dict().items() if "act_bound" in k}
+    assert fusion.served({**clean.state_dict(), **bounds}).keys() == fused.keys()
+    target[0] = 0
+    fusion(2, {**clean.state_dict(), **bounds}, [clean.state_dict()], [1.0])
+    suspected = fusion.suspected
+    assert poison[suspected].float().mean() > 0.9 and suspected[poison].float().mean() > 0.5
+
+
 def test_bounds_trust_a_fused_model_only_where_fusion_unlearned_what_the_gate_saw(
         backdoored) -> None:
     """The gate names the target on the backdoored model and overrules the cap. Next
