@@ -10,9 +10,9 @@ distillation direction (teacher first), as FedDF and Hinton et al. do. With
 `relabel_target`, the CE labels of the class the activation-bounds gate named as a
 backdoor's target are replaced by the ensemble's class where the ensemble disputes them.
 With `unlearn_poison`, the D_syn samples labelled with that target that sit with the
-poison in the aggregate's feature space (`suspected_poison`) are taught away from the
-target instead: -log(1 - p_target) in place of their CE term, and no KL to a teacher that
-may share their backdoor.
+poison in the features of the model last served (`suspected_poison`) are taught away
+from the target instead: -log(1 - p_target) in place of their CE term, and no KL to a
+teacher that may share their backdoor.
 """
 
 from __future__ import annotations

@@ -78,12 +78,14 @@ def test_server_steps_resume_with_what_they_carry(tmp_path):
     assert running["defense"].named_target is not None
     kept = labels == 0  # what unlearning found once for target 0 must survive the restart
     running["fusion"].suspected, running["fusion"].suspected_target = kept, 0
+    running["fusion"].last_fused = first  # the model a later split is sought on
     save_checkpoint(tmp_path, 1, first, [], {}, build_aggregation("fedavg"), running)
     resumed = steps()
     restore_step_states(resumed, load_checkpoint(tmp_path, {})["steps"])
     assert resumed["defense"].named_target == running["defense"].named_target
     assert torch.equal(resumed["fusion"].suspected, kept)
     assert resumed["fusion"].suspected_target == 0
+    assert all(torch.equal(resumed["fusion"].last_fused[k], first[k]) for k in first)
     expected, got = running["defense"](2, first, [], []), resumed["defense"](2, first, [], [])
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     def fitted(step):  # the history without its timings
