@@ -115,8 +115,9 @@ def suspected_poison(features: torch.Tensor, unbounded_logits: torch.Tensor,
     from the samples nearer (cosine) the flipped ones' mean feature than the kept ones'.
     On CIFAR-10 ResNet-18 that start held 35-82% of the poison in served models; 2-means
     from there (each side's mean is the next centroid, at most `max_steps` times) held
-    87.5-99.7% at over 99% precision (stop 29, `bench/split_census.py`), and on the
-    aggregates Flower runs split, 52% and 79% (`bench/kept_split.py`). 2-means may end
+    87.5-99.7% at over 99% precision (stop 29, `bench/split_census.py`); on the clients'
+    aggregates only 52% and 79%, so Flower runs split the model last served, where it held
+    99.6-100% (stop 30, `bench/kept_split.py`). 2-means may end
     with the start's side on clean images and the other side on the poison, so the
     poison's side is the one holding more of the flipped samples (a tie: more of the
     start). Nothing is suspected until the bounds both flip and keep some.
