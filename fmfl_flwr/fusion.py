@@ -248,8 +248,10 @@ class Fusion:
             self.last_loss = distill(model, self.last_ensemble_logits, self.syn_x, labels,
                                      self.settings, self.settings.seed * 7919 + server_round,
                                      unlearn, -1 if target is None else target)
-        self.last_fused = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        return dict(self.last_fused)
+        fused = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if self.settings.unlearn_poison:  # only a later split reads it (`served`)
+            self.last_fused = fused
+        return dict(fused)
 
     def _labels(self, target: int | None, stats: dict[str, float]) -> torch.Tensor:
         """D_syn's labels for this round's CE term, the named target's disputed ones changed."""
