@@ -273,11 +273,18 @@ def run_grid(cells: list[Cell], out: Path, runner: Runner = flower_runner,
         _write_status(out, rows)
         echo(f"[{index}/{len(cells)}] {cell.name}: " + (
             f"done in {seconds:.0f} s ({_result_text(out / cell.name)})" if done else
-            f"FAILED (exit {code}) after {seconds:.0f} s; see {log_path}"))
+            f"FAILED ({_failure_reason(code)}) after {seconds:.0f} s; see {log_path}"))
     _write_status(out, rows)
     echo(f"grid: {sum(r['status'] == 'done' for r in rows.values())}/{len(cells)} cells done "
          f"in {_clock(time.time() - started)}")
     return {name: str(row["status"]) for name, row in rows.items()}
+
+
+def _failure_reason(code: int) -> str:
+    """`flwr run --stream` exits 0 when the ServerApp raised, so 0 alone would read as success."""
+    if code:
+        return f"exit {code}"
+    return "flwr run exited 0 but the run wrote no summary.json: the ServerApp stopped early"
 
 
 def _status_row(out: Path, cell: Cell) -> dict[str, Any]:

@@ -143,8 +143,11 @@ def test_a_cell_whose_server_rejected_replies_says_so(tmp_path):
 
 def test_a_half_written_cell_is_run_again(tmp_path):
     cells = expand({}, {"seed": [0, 1]})
-    run_grid(cells[:1], tmp_path, FakeRunner(finish=False), echo=lambda _: None)
+    messages: list[str] = []
+    run_grid(cells[:1], tmp_path, FakeRunner(finish=False), echo=messages.append)
     assert (tmp_path / "seed0" / "metrics.csv").exists()
+    assert any("seed0: FAILED (flwr run exited 0 but the run wrote no summary.json" in m
+               for m in messages), messages
     runner = FakeRunner()
     run_grid(cells, tmp_path, runner, echo=lambda _: None)
     assert [name for name, _ in runner.calls] == ["seed0", "seed1"]
