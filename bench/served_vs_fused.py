@@ -39,18 +39,25 @@ def recorded_config(run_dir: Path, data_dir: str):
     return config, recorded.get("git_commit")
 
 
-def load_run(run_dir: Path, data_dir: str):
-    """A finished run's config (as recorded), data set, recorded commit and final model."""
+def load_run(run_dir: Path, data_dir: str, checkpoint: str = ""):
+    """A run's config (as recorded), data set, recorded commit and served model.
+
+    The final model (`model.pt`), or with `checkpoint` the global model a kept copy of the
+    run's checkpoint holds: the model served after that checkpoint's round.
+    """
     config, commit = recorded_config(run_dir, data_dir)
     dataset = load_dataset(config.dataset, config.data_dir)
     model = build_model(config.model, config.dataset, dataset.num_classes, config.model_width)
-    state = torch.load(run_dir / "model.pt", weights_only=True)
+    if checkpoint:
+        state = torch.load(run_dir / checkpoint, weights_only=False)["state"]
+    else:
+        state = torch.load(run_dir / "model.pt", weights_only=True)
     return config, dataset, commit, load_state_with_bounds(model, state)
 
 
-def measure(run_dir: Path, data_dir: str) -> dict:
-    """The run's final model, served and with its bounds off, on the public split and test set."""
-    config, dataset, commit, model = load_run(run_dir, data_dir)
+def measure(run_dir: Path, data_dir: str, checkpoint: str = "") -> dict:
+    """The run's served model and the same with its bounds off, on the public split and test set."""
+    config, dataset, commit, model = load_run(run_dir, data_dir, checkpoint)
     model.eval()
     public, _ = public_split(len(dataset.train_y), config.public_fraction, config.seed)
     splits = {"public": (to_float(dataset.train_x[public]),
@@ -65,7 +72,7 @@ def measure(run_dir: Path, data_dir: str) -> dict:
     served = scores()
     with bounds_disabled(model):
         unbounded = scores()
-    return {"run": str(run_dir), "git_commit": commit,
+    return {"run": str(run_dir), "checkpoint": checkpoint or None, "git_commit": commit,
             "bound-keys": len(bound_keys(model.state_dict())), "served": served,
             "unbounded": unbounded}
 
@@ -73,21 +80,23 @@ def measure(run_dir: Path, data_dir: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (with model.pt)")
+    parser.add_argument("--checkpoint", default="",
+                        help="read this checkpoint file in each run folder, not model.pt")
     parser.add_argument("--data-dir", default="", help="as the run config's data-dir")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     rows = []
-    for run_dir in args.runs:
-        rows.append(measure(run_dir, args.data_dir))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for run_dir in args.runs:  # the file is rewritten after every run: a long bench keeps its rows
+        rows.append(measure(run_dir, args.data_dir, args.checkpoint))
         row = rows[-1]
         print(run_dir.name, {way: {k: round(100 * v, 2) for k, v in row[way].items()}
                              for way in ("served", "unbounded")}, flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "rows": rows, "evaluated-on": "real public split and real test set",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
-    }, indent=1))
+        args.out.write_text(json.dumps({
+            "rows": rows, "evaluated-on": "real public split and real test set",
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                        "torch": torch.__version__, "threads": torch.get_num_threads()},
+        }, indent=1))
 
 
 if __name__ == "__main__":
