@@ -58,6 +58,7 @@ def bound_settings(config: ExperimentConfig) -> BoundSettings:
     return replace(BoundSettings(), objective=config.bounds_objective,
                    granularity=config.bounds_granularity, epochs=config.bounds_epochs,
                    warm_epochs=config.bounds_warm_epochs,
+                   warm_min_agreement=config.bounds_warm_min_agreement,
                    max_samples=config.bounds_samples, lr=config.bounds_lr, c0=config.bounds_c0,
                    init_quantile=config.bounds_init_quantile,
                    target_agreement=config.bounds_target_agreement,

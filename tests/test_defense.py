@@ -213,6 +213,32 @@ def test_fit_reports_its_start_and_collapses(trained) -> None:
     assert stats["collapses"] == stats["epochs"] == 3.0
 
 
+def test_a_warm_start_that_no_longer_fits_is_dropped(trained) -> None:
+    """Closed bounds from last round agree with almost nothing: below
+    `warm_min_agreement` the fit starts over from the quantile init with c0 and its full
+    epochs, and ends in agreement; with the rule off it stays warm and capped."""
+    model, images, labels = trained
+    bounded = attach_bounds(tiny())
+    bounded.load_state_dict(model.state_dict(), strict=False)
+    images, labels = images[:300], labels[:300]
+    closed = {k: torch.zeros_like(v) for k, v in quantile_bounds(bounded, images, 1.0).items()}
+    settings = BoundSettings(objective="mm-bm", epochs=3, warm_epochs=1, patience=99,
+                             warm_min_agreement=0.0)
+    _, kept = optimise_bounds(bounded, images, labels, settings=settings, warm_start=closed,
+                              c=1e-6)
+    assert (kept["warm-restart"], kept["epochs"]) == (0.0, 1.0)
+    assert kept["agreement"] < settings.collapse_agreement
+    restart = replace(settings, warm_min_agreement=0.9)
+    _, dropped = optimise_bounds(bounded, images, labels, settings=restart,
+                                 warm_start=closed, c=1e-6)
+    assert (dropped["warm-restart"], dropped["epochs"]) == (1.0, 3.0)
+    assert dropped["start-agreement"] == kept["start-agreement"] < 0.5
+    assert dropped["agreement"] >= settings.target_agreement
+    loose = quantile_bounds(bounded, images, 1.0)
+    _, fitting = optimise_bounds(bounded, images, labels, settings=restart, warm_start=loose)
+    assert (fitting["warm-restart"], fitting["epochs"]) == (0.0, 1.0)
+
+
 def test_kept_bounds_are_verified_newest_first(trained) -> None:
     """Bounds read as good from training batches are measured before they are returned:
     a failing newest candidate falls back to an older one that passes, and with none

@@ -67,6 +67,11 @@ class BoundSettings:
     # at most this many of `epochs` when last round's bounds start the fit: 5 halved the
     # fit's time at the same ACC / ASR (bench/overrule_choice.py, docs/defense.md)
     warm_epochs: int = 5
+    # a warm start whose starting agreement is below this is dropped: the fit starts over
+    # from `init` with `c0` and its full `epochs` (0 keeps every warm start). Where last
+    # round's bounds no longer fit the fused model, restoring them on a collapse restores a
+    # state that was never good (CIFAR-10, stop 31: starts at 2-59%, every epoch collapsed)
+    warm_min_agreement: float = 0.9
     max_samples: int = 1000  # random subset of the reference data per call (cost)
     c0: float = 0.5
     c_up: float = 1.2
@@ -380,6 +385,15 @@ def _fit_bounds(
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     measured = _agreement_of(bounded_logits.argmax(1), reference, trim, settings.class_gate)
     kept = start_agreement = measured[0]
+    warm = init_kind == "warm"
+    restarted = warm and start_agreement < settings.warm_min_agreement
+    if restarted:  # the reference keeps the warm start's evidence; the fit starts over
+        initial, _ = _initial_bounds(model, images, settings, None)
+        with torch.no_grad():
+            for key, value in z.items():
+                value.copy_(initial[key])
+        measured = _agreement(model, images, reference, trim, settings.class_gate)
+        kept, warm, c = measured[0], False, None
     optimiser = torch.optim.Adam(list(z.values()), lr=settings.lr)
     c = settings.c0 if c is None else c
 
@@ -400,7 +414,6 @@ def _fit_bounds(
     best = (kept, snapshot())
     previous_norm = norm_penalty(list(z.values()), settings.norm).item()
     quiet, epochs_run, collapses = 0, 0, 0
-    warm = init_kind == "warm"
     for _ in range(min(settings.epochs, settings.warm_epochs) if warm else settings.epochs):
         epochs_run += 1
         order = torch.randperm(len(images), generator=generator)
@@ -471,7 +484,8 @@ def _fit_bounds(
         "trimmed-share": trim,
         "excused-share": excused,
         "samples": float(reference_size),
-        "warm-start": float(warm),
+        "warm-start": float(init_kind == "warm"),
+        "warm-restart": float(restarted),
         "verify-passes": float(checks),
         "bound-norm": norm_penalty(list(final.values()), settings.norm).item(),
         **inversion,

@@ -1,0 +1,127 @@
+"""Replay one round's bound fit from kept checkpoint copies, with other fit settings.
+
+A run's checkpoint after round k holds the served model (its weights are round k's fused
+model: the defense never touches them), and the defense's carried state (last round's
+bounds and c, its history). Given the copy kept after round k-1 and the one after round
+k, this bench refits round k's bounds on the same fused model from the same warm start,
+once per `--variants` entry (BoundSettings overrides), and measures the served model on
+the real public split (what a setting may be chosen on) and the real test set (reported).
+"as-run" (no overrides) must give back the run's own bounds: the row says how far off.
+
+Only rounds fitted on the fused model's own outputs replay (fusion unlearned the poison,
+MM-BM's reference): the client ensemble an overruled round needs is not in a checkpoint.
+
+    python bench/warm_restart.py results/s30-keep/attack-iid-bounds-r1 \
+        results/s30-keep/attack-iid-bounds-r2 --variants as-run: \
+        restart:warm_min_agreement=0.9 --out bench/results/warm_restart_cifar10_iid.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import torch
+from served_vs_fused import recorded_config  # the sibling bench's run reader
+
+from fmfl_flwr import attacks
+from fmfl_flwr.app_config import bound_settings
+from fmfl_flwr.checkpoint import FILE
+from fmfl_flwr.data import load_dataset, to_float
+from fmfl_flwr.defense.bounds import bound_keys, load_state_with_bounds
+from fmfl_flwr.defense.optimise import BoundSettings
+from fmfl_flwr.defense.steps import make_defense, settings_after_unlearning
+from fmfl_flwr.metrics import acc_and_asr
+from fmfl_flwr.models import build_model
+from fmfl_flwr.partition import public_split
+from server_app import synthetic_data
+
+
+def parse_variant(text: str, base: BoundSettings) -> tuple[str, dict]:
+    """"name:key=value,key=value" -> (name, BoundSettings overrides typed as in `base`)."""
+    name, _, assignments = text.partition(":")
+    known = {f.name for f in fields(base)}
+    overrides = {}
+    for item in filter(None, assignments.split(",")):
+        key, _, value = item.partition("=")
+        if key not in known:
+            raise SystemExit(f"variant {name!r}: {key!r} is not a BoundSettings field")
+        overrides[key] = type(getattr(base, key))(value)
+    return name, overrides
+
+
+def replay(previous: dict, current: dict, config, model_fn, syn, settings, unlearned: float):
+    """Round `current["round"]`'s fit from `previous`'s carried defense state."""
+    step = make_defense(config.defense, model_fn, *syn, settings,
+                        trust_source=lambda: unlearned)
+    for attr, value in previous["steps"]["defense"].items():
+        setattr(step, attr, value)
+    if settings_after_unlearning(settings, unlearned, step.gate_finding).objective != "mm-bm":
+        raise SystemExit(f"round {current['round']} overruled the fused model: its fit needs "
+                         "the client ensemble, which no checkpoint keeps")
+    state = step(current["round"], dict(current["state"]), [], [])
+    return state, step.history[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("previous", type=Path, help="checkpoint copy kept after round k-1")
+    parser.add_argument("current", type=Path, help="checkpoint copy kept after round k")
+    parser.add_argument("--variants", nargs="+", default=["as-run:"],
+                        help="name:key=value,... BoundSettings overrides")
+    parser.add_argument("--data-dir", default="", help="as the run config's data-dir")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    config, commit = recorded_config(args.current, args.data_dir)
+    base = bound_settings(config)
+    variants = [parse_variant(v, base) for v in args.variants]
+    previous = torch.load(args.previous / FILE, weights_only=False)
+    current = torch.load(args.current / FILE, weights_only=False)
+    if previous["round"] + 1 != current["round"]:
+        raise SystemExit(f"the copies hold rounds {previous['round']} and {current['round']}, "
+                         "not two rounds in a row")
+    unlearned = float(current["rows"][-1]["fusion-unlearned-share"])
+    dataset = load_dataset(config.dataset, config.data_dir)
+    syn = synthetic_data(config)
+    public, _ = public_split(len(dataset.train_y), config.public_fraction, config.seed)
+    def model_fn() -> torch.nn.Module:
+        return build_model(config.model, config.dataset, dataset.num_classes, config.model_width)
+
+    splits = {"public": (to_float(dataset.train_x[public]),
+                         torch.as_tensor(dataset.train_y[public])),
+              "test": (to_float(dataset.test_x), torch.as_tensor(dataset.test_y))}
+    trigger = attacks.evaluation_trigger(config, dataset.image_shape)
+    ran = {k: current["state"][k] for k in bound_keys(current["state"])}
+    rows = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for name, overrides in variants:
+        started = time.perf_counter()
+        state, stats = replay(previous, current, config, model_fn, syn,
+                              replace(base, **overrides), unlearned)
+        seconds = time.perf_counter() - started
+        model = load_state_with_bounds(model_fn(), state).eval()
+        scores = {f"{split}-{k}": v for split, (x, y) in splits.items()
+                  for k, v in acc_and_asr(model, x, y, trigger, config.target_label).items()}
+        off = max((state[k] - ran[k]).abs().max().item() for k in ran)
+        rows.append({"variant": name, "overrides": overrides, "seconds": seconds,
+                     "max-bound-diff-from-run": off, **scores, **stats})
+        print(name, {k: round(100 * v, 2) for k, v in scores.items()},
+              {k: stats[k] for k in ("start-agreement", "agreement", "collapses", "epochs",
+                                     "warm-restart")}, f"{seconds:.0f}s", flush=True)
+        args.out.write_text(json.dumps({
+            "previous": str(args.previous), "current": str(args.current),
+            "round": current["round"], "git_commit_of_run": commit,
+            "unlearned-share": unlearned, "settings": asdict(base), "rows": rows,
+            "evaluated-on": "real public split and real test set",
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                        "torch": torch.__version__, "threads": torch.get_num_threads()},
+        }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
