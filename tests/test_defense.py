@@ -215,8 +215,9 @@ def test_fit_reports_its_start_and_collapses(trained) -> None:
 
 def test_a_warm_start_that_no_longer_fits_is_dropped(trained) -> None:
     """Closed bounds from last round agree with almost nothing: below
-    `warm_min_agreement` the fit starts over from the quantile init with c0 and its full
-    epochs, and ends in agreement; with the rule off it stays warm and capped."""
+    `warm_min_agreement` a fit that overrules nothing starts over from the quantile init
+    with c0 and its full epochs, and ends in agreement; with the rule off, or where the
+    ensemble overrules the fused model, it stays warm and capped."""
     model, images, labels = trained
     bounded = attach_bounds(tiny())
     bounded.load_state_dict(model.state_dict(), strict=False)
@@ -237,6 +238,16 @@ def test_a_warm_start_that_no_longer_fits_is_dropped(trained) -> None:
     loose = quantile_bounds(bounded, images, 1.0)
     _, fitting = optimise_bounds(bounded, images, labels, settings=restart, warm_start=loose)
     assert (fitting["warm-restart"], fitting["epochs"]) == (0.0, 1.0)
+    # a fit that overrules the fused model keeps last round's cut, however it fits
+    always_zero = torch.zeros(len(images), 3)
+    always_zero[:, 0] = 5.0
+    overruling = replace(restart, objective="ensemble-switch", overrule_cap=1.0,
+                         overrule_gate=0.0)
+    _, overruled = optimise_bounds(bounded, images, labels, always_zero, overruling,
+                                   warm_start=closed, c=1e-6)
+    assert overruled["overruled-share"] > 0
+    assert overruled["start-agreement"] < 0.9
+    assert (overruled["warm-restart"], overruled["epochs"]) == (0.0, 1.0)
 
 
 def test_kept_bounds_are_verified_newest_first(trained) -> None:

@@ -67,10 +67,12 @@ class BoundSettings:
     # at most this many of `epochs` when last round's bounds start the fit: 5 halved the
     # fit's time at the same ACC / ASR (bench/overrule_choice.py, docs/defense.md)
     warm_epochs: int = 5
-    # a warm start whose starting agreement is below this is dropped: the fit starts over
-    # from `init` with `c0` and its full `epochs` (0 keeps every warm start). Where last
-    # round's bounds no longer fit the fused model, restoring them on a collapse restores a
-    # state that was never good (CIFAR-10, stop 31: starts at 2-59%, every epoch collapsed)
+    # a fit that overrules nothing (the fused model trusted everywhere) drops a warm start
+    # whose starting agreement is below this: it starts over from `init` with `c0` and its
+    # full `epochs` (0 keeps every warm start). Last round's bounds that no longer fit the
+    # fused model are restored on every collapse, a state that was never good (CIFAR-10,
+    # stop 31: starts at 18-48%, every epoch collapsed). A fit that overrules keeps them:
+    # their cut is what holds the backdoor out (stop 23, "a warm start that no longer fits")
     warm_min_agreement: float = 0.9
     max_samples: int = 1000  # random subset of the reference data per call (cost)
     c0: float = 0.5
@@ -386,7 +388,8 @@ def _fit_bounds(
     measured = _agreement_of(bounded_logits.argmax(1), reference, trim, settings.class_gate)
     kept = start_agreement = measured[0]
     warm = init_kind == "warm"
-    restarted = warm and start_agreement < settings.warm_min_agreement
+    restarted = (warm and start_agreement < settings.warm_min_agreement
+                 and not reference.overruled.any())
     if restarted:  # the reference keeps the warm start's evidence; the fit starts over
         initial, _ = _initial_bounds(model, images, settings, None)
         with torch.no_grad():
