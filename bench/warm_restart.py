@@ -2,10 +2,11 @@
 
 A run's checkpoint after round k holds the served model (its weights are round k's fused
 model: the defense never touches them), and the defense's carried state (last round's
-bounds and c, its history). Given the copy kept after round k-1 and the one after round
-k, this bench refits round k's bounds on the same fused model from the same warm start,
-once per `--variants` entry (BoundSettings overrides), and measures the served model on
-the real public split (what a setting may be chosen on) and the real test set (reported).
+bounds and c, its history). Given the copy kept after round k-1 and the one after round k
+(or, for the last round, the finished run folder: `model.pt` and `metrics.csv`), this
+bench refits round k's bounds on the same fused model from the same warm start, once per
+`--variants` entry (BoundSettings overrides), and measures the served model on the real
+public split (what a setting may be chosen on) and the real test set (reported).
 "as-run" (no overrides) must give back the run's own bounds: the row says how far off.
 
 Only rounds fitted on the fused model's own outputs replay (fusion unlearned the poison,
@@ -19,6 +20,7 @@ MM-BM's reference): the client ensemble an overruled round needs is not in a che
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -55,6 +57,17 @@ def parse_variant(text: str, base: BoundSettings) -> tuple[str, dict]:
     return name, overrides
 
 
+def round_record(run_dir: Path) -> dict:
+    """The round, served state and metric rows a checkpoint copy holds, or a finished run
+    (its `model.pt` and `metrics.csv`: the last round, whose checkpoint the run removed)."""
+    if (run_dir / FILE).exists():
+        return torch.load(run_dir / FILE, weights_only=False)
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {"round": int(rows[-1]["round"]), "rows": rows,
+            "state": torch.load(run_dir / "model.pt", weights_only=True)}
+
+
 def replay(previous: dict, current: dict, config, model_fn, syn, settings, unlearned: float):
     """Round `current["round"]`'s fit from `previous`'s carried defense state."""
     step = make_defense(config.defense, model_fn, *syn, settings,
@@ -71,7 +84,8 @@ def replay(previous: dict, current: dict, config, model_fn, syn, settings, unlea
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("previous", type=Path, help="checkpoint copy kept after round k-1")
-    parser.add_argument("current", type=Path, help="checkpoint copy kept after round k")
+    parser.add_argument("current", type=Path,
+                        help="checkpoint copy kept after round k, or the finished run")
     parser.add_argument("--variants", nargs="+", default=["as-run:"],
                         help="name:key=value,... BoundSettings overrides")
     parser.add_argument("--data-dir", default="", help="as the run config's data-dir")
@@ -81,7 +95,7 @@ def main() -> None:
     base = bound_settings(config)
     variants = [parse_variant(v, base) for v in args.variants]
     previous = torch.load(args.previous / FILE, weights_only=False)
-    current = torch.load(args.current / FILE, weights_only=False)
+    current = round_record(args.current)
     if previous["round"] + 1 != current["round"]:
         raise SystemExit(f"the copies hold rounds {previous['round']} and {current['round']}, "
                          "not two rounds in a row")

@@ -82,7 +82,7 @@ class ExperimentConfig:
     # the cap when the fit starts from last round's bounds (every round after the first fit)
     bounds_warm_epochs: int = field(default=5, metadata={"min": 1})
     # a fit that overrules nothing drops a warm start the fused model agrees with on less
-    # than this share for a fresh fit (init, c0, full epochs); 0 keeps every warm start
+    # than this share for a fresh one (init, c0, warm epochs); 0 keeps every warm start
     bounds_warm_min_agreement: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
     bounds_samples: int = field(default=1000, metadata={"min": 1})
     bounds_lr: float = field(default=0.1, metadata={"min_exclusive": 0.0})

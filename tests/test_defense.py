@@ -216,8 +216,8 @@ def test_fit_reports_its_start_and_collapses(trained) -> None:
 def test_a_warm_start_that_no_longer_fits_is_dropped(trained) -> None:
     """Closed bounds from last round agree with almost nothing: below
     `warm_min_agreement` a fit that overrules nothing starts over from the quantile init
-    with c0 and its full epochs, and ends in agreement; with the rule off, or where the
-    ensemble overrules the fused model, it stays warm and capped."""
+    with c0, within the warm fit's epochs, and ends in agreement; with the rule off, or
+    where the ensemble overrules the fused model, it keeps the closed start."""
     model, images, labels = trained
     bounded = attach_bounds(tiny())
     bounded.load_state_dict(model.state_dict(), strict=False)
@@ -232,7 +232,7 @@ def test_a_warm_start_that_no_longer_fits_is_dropped(trained) -> None:
     restart = replace(settings, warm_min_agreement=0.9)
     _, dropped = optimise_bounds(bounded, images, labels, settings=restart,
                                  warm_start=closed, c=1e-6)
-    assert (dropped["warm-restart"], dropped["epochs"]) == (1.0, 3.0)
+    assert (dropped["warm-restart"], dropped["epochs"]) == (1.0, 1.0)
     assert dropped["start-agreement"] == kept["start-agreement"] < 0.5
     assert dropped["agreement"] >= settings.target_agreement
     loose = quantile_bounds(bounded, images, 1.0)

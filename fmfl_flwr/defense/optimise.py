@@ -68,11 +68,12 @@ class BoundSettings:
     # fit's time at the same ACC / ASR (bench/overrule_choice.py, docs/defense.md)
     warm_epochs: int = 5
     # a fit that overrules nothing (the fused model trusted everywhere) drops a warm start
-    # whose starting agreement is below this: it starts over from `init` with `c0` and its
-    # full `epochs` (0 keeps every warm start). Last round's bounds that no longer fit the
+    # whose starting agreement is below this: it starts over from `init` with `c0`, within
+    # `warm_epochs` (0 keeps every warm start). Last round's bounds that no longer fit the
     # fused model are restored on every collapse, a state that was never good (CIFAR-10,
     # stop 31: starts at 18-48%, every epoch collapsed). A fit that overrules keeps them:
-    # their cut is what holds the backdoor out (stop 23, "a warm start that no longer fits")
+    # their cut is what holds the backdoor out (stop 23, "a warm start that no longer fits").
+    # 5 epochs gave the bounds 10 gave in all four round-2 replays (bench/warm_restart.py)
     warm_min_agreement: float = 0.9
     max_samples: int = 1000  # random subset of the reference data per call (cost)
     c0: float = 0.5
@@ -396,7 +397,7 @@ def _fit_bounds(
             for key, value in z.items():
                 value.copy_(initial[key])
         measured = _agreement(model, images, reference, trim, settings.class_gate)
-        kept, warm, c = measured[0], False, None
+        kept, c = measured[0], None
     optimiser = torch.optim.Adam(list(z.values()), lr=settings.lr)
     c = settings.c0 if c is None else c
 
