@@ -7,14 +7,16 @@ bounds and c, its history). Given the copy kept after round k-1 and the one afte
 bench refits round k's bounds on the same fused model from the same warm start, once per
 `--variants` entry (BoundSettings overrides), and measures the served model on the real
 public split (what a setting may be chosen on) and the real test set (reported).
-"as-run" (no overrides) must give back the run's own bounds: the row says how far off.
+A variant without overrides replays the run as recorded and must give back its bounds
+(the row says how far off); keys a run's config lacks take today's defaults, so a run
+from before `bounds-warm-min-agreement` replays as run with `warm_min_agreement=0`.
 
 Only rounds fitted on the fused model's own outputs replay (fusion unlearned the poison,
 MM-BM's reference): the client ensemble an overruled round needs is not in a checkpoint.
 
     python bench/warm_restart.py results/s30-keep/attack-iid-bounds-r1 \
-        results/s30-keep/attack-iid-bounds-r2 --variants as-run: \
-        restart:warm_min_agreement=0.9 --out bench/results/warm_restart_cifar10_iid.json
+        results/s30-keep/attack-iid-bounds-r2 --variants as-run:warm_min_agreement=0 \
+        restart:warm_min_agreement=0.9 --out bench/results/warm_restart_cifar10_iid_r2.json
 """
 
 from __future__ import annotations
