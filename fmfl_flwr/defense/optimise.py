@@ -73,7 +73,7 @@ class BoundSettings:
     # fused model are restored on every collapse, a state that was never good (CIFAR-10,
     # stop 31: starts at 18-48%, every epoch collapsed). A fit that overrules keeps them:
     # their cut is what holds the backdoor out (stop 23, "a warm start that no longer fits").
-    # 5 epochs gave the bounds 10 gave in all four round-2 replays (bench/warm_restart.py)
+    # 5 epochs gave the bounds 10 gave in all five round-2 replays (bench/warm_restart.py)
     warm_min_agreement: float = 0.9
     max_samples: int = 1000  # random subset of the reference data per call (cost)
     c0: float = 0.5
@@ -488,7 +488,7 @@ def _fit_bounds(
         "trimmed-share": trim,
         "excused-share": excused,
         "samples": float(reference_size),
-        "warm-start": float(init_kind == "warm"),
+        "warm-start": float(warm),
         "warm-restart": float(restarted),
         "verify-passes": float(checks),
         "bound-norm": norm_penalty(list(final.values()), settings.norm).item(),
