@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,23 +56,30 @@ def load_run(run_dir: Path, data_dir: str, checkpoint: str = ""):
     return config, dataset, commit, load_state_with_bounds(model, state)
 
 
-def measure(run_dir: Path, data_dir: str, checkpoint: str = "") -> dict:
-    """The run's served model and the same with its bounds off, on the public split and test set."""
-    config, dataset, commit, model = load_run(run_dir, data_dir, checkpoint)
-    model.eval()
+def public_and_test_scorer(config, dataset) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """ACC and ASR of a model on the run's real public split and the real test set
+    (keys "public-acc", "public-asr", "test-acc", "test-asr")."""
     public, _ = public_split(len(dataset.train_y), config.public_fraction, config.seed)
     splits = {"public": (to_float(dataset.train_x[public]),
                          torch.as_tensor(dataset.train_y[public])),
               "test": (to_float(dataset.test_x), torch.as_tensor(dataset.test_y))}
     trigger = attacks.evaluation_trigger(config, dataset.image_shape)
 
-    def scores() -> dict[str, float]:
+    def scores(model: torch.nn.Module) -> dict[str, float]:
         return {f"{split}-{k}": v for split, (x, y) in splits.items()
                 for k, v in acc_and_asr(model, x, y, trigger, config.target_label).items()}
 
-    served = scores()
+    return scores
+
+
+def measure(run_dir: Path, data_dir: str, checkpoint: str = "") -> dict:
+    """The run's served model and the same with its bounds off, on the public split and test set."""
+    config, dataset, commit, model = load_run(run_dir, data_dir, checkpoint)
+    model.eval()
+    scores = public_and_test_scorer(config, dataset)
+    served = scores(model)
     with bounds_disabled(model):
-        unbounded = scores()
+        unbounded = scores(model)
     return {"run": str(run_dir), "checkpoint": checkpoint or None, "git_commit": commit,
             "bound-keys": len(bound_keys(model.state_dict())), "served": served,
             "unbounded": unbounded}

@@ -31,18 +31,15 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
-from served_vs_fused import recorded_config  # the sibling bench's run reader
+from served_vs_fused import public_and_test_scorer, recorded_config  # sibling bench
 
-from fmfl_flwr import attacks
 from fmfl_flwr.app_config import bound_settings
-from fmfl_flwr.checkpoint import FILE
-from fmfl_flwr.data import load_dataset, to_float
+from fmfl_flwr.checkpoint import FILE, restore_step_states
+from fmfl_flwr.data import load_dataset
 from fmfl_flwr.defense.bounds import bound_keys, load_state_with_bounds
 from fmfl_flwr.defense.optimise import BoundSettings
 from fmfl_flwr.defense.steps import make_defense, settings_after_unlearning
-from fmfl_flwr.metrics import acc_and_asr
 from fmfl_flwr.models import build_model
-from fmfl_flwr.partition import public_split
 from server_app import synthetic_data
 
 
@@ -74,8 +71,7 @@ def replay(previous: dict, current: dict, config, model_fn, syn, settings, unlea
     """Round `current["round"]`'s fit from `previous`'s carried defense state."""
     step = make_defense(config.defense, model_fn, *syn, settings,
                         trust_source=lambda: unlearned)
-    for attr, value in previous["steps"]["defense"].items():
-        setattr(step, attr, value)
+    restore_step_states({"defense": step}, {"defense": previous["steps"]["defense"]})
     if settings_after_unlearning(settings, unlearned, step.gate_finding).objective != "mm-bm":
         raise SystemExit(f"round {current['round']} overruled the fused model: its fit needs "
                          "the client ensemble, which no checkpoint keeps")
@@ -104,14 +100,11 @@ def main() -> None:
     unlearned = float(current["rows"][-1]["fusion-unlearned-share"])
     dataset = load_dataset(config.dataset, config.data_dir)
     syn = synthetic_data(config)
-    public, _ = public_split(len(dataset.train_y), config.public_fraction, config.seed)
+    scores_of = public_and_test_scorer(config, dataset)
+
     def model_fn() -> torch.nn.Module:
         return build_model(config.model, config.dataset, dataset.num_classes, config.model_width)
 
-    splits = {"public": (to_float(dataset.train_x[public]),
-                         torch.as_tensor(dataset.train_y[public])),
-              "test": (to_float(dataset.test_x), torch.as_tensor(dataset.test_y))}
-    trigger = attacks.evaluation_trigger(config, dataset.image_shape)
     ran = {k: current["state"][k] for k in bound_keys(current["state"])}
     rows = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,8 +114,7 @@ def main() -> None:
                               replace(base, **overrides), unlearned)
         seconds = time.perf_counter() - started
         model = load_state_with_bounds(model_fn(), state).eval()
-        scores = {f"{split}-{k}": v for split, (x, y) in splits.items()
-                  for k, v in acc_and_asr(model, x, y, trigger, config.target_label).items()}
+        scores = scores_of(model)
         off = max((state[k] - ran[k]).abs().max().item() for k in ran)
         rows.append({"variant": name, "overrides": overrides, "seconds": seconds,
                      "max-bound-diff-from-run": off, **scores, **stats})
