@@ -3,10 +3,14 @@
 Wraps an inner Flower strategy (FedAvg, Krum, FLAME, ...). Each round it
 1. rejects broken replies (errors, missing keys, wrong shapes, NaN/Inf) so they are never
    aggregated and never crash the server, and skips the update below `min_replies`;
-2. lets the inner rule aggregate what is left;
-3. runs the server-side steps on plain state dicts: FM-FL fusion (distil the client
+2. puts the activation bounds it served back into every reply and the aggregate: they are
+   the server's, and a client that raised its own would loosen the aggregate's and bring
+   its unbounded model into fusion's teacher;
+3. lets the inner rule aggregate what is left;
+4. runs the server-side steps on plain state dicts: FM-FL fusion (distil the client
    ensemble into the aggregate on D_syn) and then the post-fusion hooks (defenses).
-Times of each phase and the count of rejected replies go into the round's metrics.
+Times of each phase and the counts of rejected replies and of replies whose bounds were
+reset go into the round's metrics.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fmfl_flwr.defense.bounds import bound_keys
 from strategies.node_order import partition_rank
 
 StateDict = dict[str, torch.Tensor]
@@ -47,6 +53,17 @@ def reply_problem(content_arrays: ArrayRecord | None, reference: StateDict) -> s
         if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
             return f"non-finite values in {key}"
     return ""
+
+
+def pin_served_bounds(record: ArrayRecord, served: StateDict) -> bool:
+    """Write the served bounds over a reply's own, in place; True if the reply had changed them."""
+    changed = False
+    for key in bound_keys(served):
+        value = served[key].numpy()
+        if not np.array_equal(record[key].numpy(), value):
+            record[key] = Array(value)
+            changed = True
+    return changed
 
 
 def num_examples(content: RecordDict) -> float:
@@ -150,7 +167,9 @@ class FMFLStrategy(Strategy):
         server_round += self.round_offset
         replies = list(replies)
         valid, rejected = self._valid_replies(replies)
+        reset = sum(pin_served_bounds(m.content["arrays"], self._sent) for m in valid)
         info = {"replies": float(len(valid)), "rejected-replies": float(rejected),
+                "bounds-reset-replies": float(reset),
                 "missing-replies": float(max(0, self._expected - len(replies))),
                 "aggregation-time": 0.0, "fusion-time": 0.0, "defense-time": 0.0}
         self.round_info[server_round] = info
@@ -172,7 +191,9 @@ class FMFLStrategy(Strategy):
                          if k in ("train-time", "train-loss")})
         if arrays is None:
             return None, metrics
-        state = arrays.to_torch_state_dict()
+        # Exactly the served bounds: a weighted mean of equal values can be off in the last bit.
+        served_bounds = {k: self._sent[k] for k in bound_keys(self._sent)}
+        state = {**arrays.to_torch_state_dict(), **served_bounds}
         if self.fusion:
             started = time.perf_counter()
             state = self.fusion(server_round, state, clients, weights)

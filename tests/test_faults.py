@@ -147,14 +147,54 @@ class TestBrokenReplies:
         strategy = sent(fmfl(min_replies=2))
         assert strategy.aggregate_train(1, [good(1.0), FAULTS["nan-weights"]()]) == (None, None)
         assert strategy.round_info[1] == pytest.approx(
-            {"replies": 1, "rejected-replies": 1, "missing-replies": 0, "aggregation-time": 0,
-             "fusion-time": 0, "defense-time": 0})
+            {"replies": 1, "rejected-replies": 1, "bounds-reset-replies": 0,
+             "missing-replies": 0, "aggregation-time": 0, "fusion-time": 0, "defense-time": 0})
 
     def test_no_reply_at_all_keeps_the_global_model(self) -> None:
         # Every client timed out: the grid hands back nothing.
         strategy = sent(fmfl())
         assert strategy.aggregate_train(1, []) == (None, None)
         assert strategy.round_info[1]["missing-replies"] == 2
+
+
+@pytest.mark.usefixtures("in_a_run")
+class TestServedBounds:
+    """The activation bounds are the server's: a reply that raises its own (a client
+    unbounding its backdoor) is aggregated, and seen by fusion, with the served ones."""
+
+    BOUND = "relu.act_bound"
+    SERVED = np.array([0.1, 0.7], dtype=np.float32)
+
+    def _reply(self, w: float, bound: np.ndarray, num_examples: int, node_id: int) -> Message:
+        record = arrays(w, **{self.BOUND: bound})
+        return reply(RecordDict({"arrays": record,
+                                 "metrics": MetricRecord({"num-examples": num_examples})}),
+                     node_id)
+
+    def test_a_reply_cannot_change_the_served_bounds(self) -> None:
+        seen: list[dict] = []
+
+        def fusion(server_round, state, clients, weights):
+            seen.extend([state, *clients])
+            return state
+
+        strategy = FMFLStrategy(FedAvg(fraction_evaluate=0.0, min_available_nodes=1,
+                                       min_train_nodes=1), fusion=fusion)
+        grid = Mock()
+        grid.get_node_ids.return_value = [1, 2]
+        served = ArrayRecord({**global_record(), self.BOUND: Array(self.SERVED)})
+        list(strategy.configure_train(1, served, ConfigRecord(), grid))
+        raised = np.full(2, 1e30, dtype=np.float32)
+
+        # Weights 1/3 and 2/3: FedAvg's mean of two equal bounds is 7e-9 off the served 0.1.
+        new, _ = strategy.aggregate_train(1, [self._reply(1.0, self.SERVED, 1, 1),
+                                              self._reply(3.0, raised, 2, 2)])
+
+        np.testing.assert_allclose(weights_of(new), 7 / 3)  # the weights still count
+        np.testing.assert_array_equal(new[self.BOUND].numpy(), self.SERVED)  # bit for bit
+        for state in seen:  # the aggregate and both client models fusion reads
+            np.testing.assert_array_equal(state[self.BOUND].numpy(), self.SERVED)
+        assert strategy.round_info[1]["bounds-reset-replies"] == 1
 
 
 class FlakyGrid:
