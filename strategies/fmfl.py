@@ -55,11 +55,11 @@ def reply_problem(content_arrays: ArrayRecord | None, reference: StateDict) -> s
     return ""
 
 
-def pin_served_bounds(record: ArrayRecord, served: StateDict) -> bool:
+def pin_served_bounds(record: ArrayRecord, served_bounds: StateDict) -> bool:
     """Write the served bounds over a reply's own, in place; True if the reply had changed them."""
     changed = False
-    for key in bound_keys(served):
-        value = served[key].numpy()
+    for key, bound in served_bounds.items():
+        value = bound.numpy()
         if not np.array_equal(record[key].numpy(), value):
             record[key] = Array(value)
             changed = True
@@ -120,6 +120,7 @@ class FMFLStrategy(Strategy):
         self.partition_of = partition_of or {}
         self.round_offset = round_offset
         self._sent: StateDict = {}
+        self._sent_bounds: StateDict = {}
         self._expected = 0
         self.last_evaluate: MetricRecord | None = None
         self.round_info: dict[int, dict[str, float]] = {}
@@ -133,6 +134,7 @@ class FMFLStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._sent = arrays.to_torch_state_dict()
+        self._sent_bounds = {k: self._sent[k] for k in bound_keys(self._sent)}
         messages = list(self.inner.configure_train(server_round + self.round_offset, arrays,
                                                    config, grid))
         self._expected = len(messages)
@@ -167,7 +169,7 @@ class FMFLStrategy(Strategy):
         server_round += self.round_offset
         replies = list(replies)
         valid, rejected = self._valid_replies(replies)
-        reset = sum(pin_served_bounds(m.content["arrays"], self._sent) for m in valid)
+        reset = sum(pin_served_bounds(m.content["arrays"], self._sent_bounds) for m in valid)
         info = {"replies": float(len(valid)), "rejected-replies": float(rejected),
                 "bounds-reset-replies": float(reset),
                 "missing-replies": float(max(0, self._expected - len(replies))),
@@ -192,8 +194,7 @@ class FMFLStrategy(Strategy):
         if arrays is None:
             return None, metrics
         # Exactly the served bounds: a weighted mean of equal values can be off in the last bit.
-        served_bounds = {k: self._sent[k] for k in bound_keys(self._sent)}
-        state = {**arrays.to_torch_state_dict(), **served_bounds}
+        state = {**arrays.to_torch_state_dict(), **self._sent_bounds}
         if self.fusion:
             started = time.perf_counter()
             state = self.fusion(server_round, state, clients, weights)
