@@ -1,7 +1,8 @@
 """Classic client-side backdoors (METHOD.md 2) as plain tensor functions.
 
 A malicious client poisons a share of its non-target samples with a trigger and relabels
-them to the target (BadNets, Blended, DBA), and may boost its update (model replacement).
+them to the target (BadNets, Blended, DBA), may boost its update (model replacement), and
+may lift the activation bounds in its reply (the adaptive attack on the bounds defense).
 Who is malicious, when, and with which trigger all follow from the config and a seed.
 """
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from fmfl_flwr.config import ExperimentConfig, parse_int_list
+from fmfl_flwr.defense.bounds import UNBOUNDED, bound_keys
 from fmfl_flwr.triggers import Trigger, make_trigger
 
 DATA_POISONING = ("badnets", "blended", "dba", "scaling")
@@ -89,6 +91,16 @@ def boost_update(global_state: dict[str, torch.Tensor], local_state: dict[str, t
         if norm > norm_bound:
             deltas = {k: d * (norm_bound / norm) for k, d in deltas.items()}
     return {k: global_state[k] + deltas[k] if k in deltas else v for k, v in local_state.items()}
+
+
+def lift_bounds(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with every activation bound at UNBOUNDED: the adaptive attacker's reply.
+
+    A server that took a reply's bounds as sent would evaluate this client's model without
+    them, backdoor and all, in fusion's teacher, and average them into the aggregate's.
+    """
+    lifted = set(bound_keys(state))
+    return {k: torch.full_like(v, UNBOUNDED) if k in lifted else v for k, v in state.items()}
 
 
 def default_boost(config: ExperimentConfig, num_partitions: int, num_malicious: int) -> float:

@@ -3,7 +3,7 @@
 Shared by `client_app.train` and `bench/fmfl_loop.py`, so the bench trains clients exactly
 as the app does: poison when attacking, local SGD with the served bounds on or off
 (`client-bounds`), optionally kept close to the served model (`client-distill`), boost
-the update for model replacement.
+the update for model replacement, lift the bounds in the reply.
 """
 
 from __future__ import annotations
@@ -54,4 +54,6 @@ def client_update(config: ExperimentConfig, model: nn.Module, images: torch.Tens
     if attacking and config.client_attack == "scaling":
         boost = attacks.default_boost(config, num_partitions, role.num_malicious)
         state = attacks.boost_update(global_state, state, boost, config.attack_norm_bound)
+    if attacking and config.attack_lift_bounds:
+        state = attacks.lift_bounds(state)
     return state, float(loss), attacking

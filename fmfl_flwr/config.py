@@ -135,6 +135,9 @@ class ExperimentConfig:
     attack_rounds: str = ""
     boost: float = field(default=0.0, metadata={"min": 0.0})
     attack_norm_bound: float = field(default=0.0, metadata={"min": 0.0})
+    # adaptive: malicious clients send their activation bounds back lifted (UNBOUNDED), so
+    # the server would aggregate and distil from their unbounded models if it trusted them
+    attack_lift_bounds: bool = False
     # results
     output_dir: str = ""
     run_name: str = ""
@@ -170,6 +173,10 @@ class ExperimentConfig:
             raise ConfigError("trigger='image' needs trigger-image=<path to an image file>")
         parse_int_list("malicious-clients", self.malicious_clients)
         parse_int_list("attack-rounds", self.attack_rounds)
+        if self.attack_lift_bounds and self.client_attack == "none":
+            raise ConfigError("attack-lift-bounds=true needs a client-attack (the malicious "
+                              f"clients lift their bounds); got client-attack='none'. "
+                              f"Accepted: {', '.join(CLIENT_ATTACKS[1:])}")
         if self.fm_attack != "none" and not self.fusion:
             raise ConfigError(
                 f"fm-attack={self.fm_attack!r} needs fusion=true: the FM only reaches the "

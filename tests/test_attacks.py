@@ -94,3 +94,18 @@ def test_default_boost_is_n_over_m():
     config = ExperimentConfig.from_run_config({"client-attack": "scaling",
                                                "malicious-fraction": 0.2})
     assert attacks.default_boost(config, 10, 2) == 5.0
+
+
+def test_lift_bounds_sets_every_bound_to_unbounded_and_leaves_the_weights():
+    from fmfl_flwr.defense import attach_bounds, bound_keys
+    from fmfl_flwr.defense.bounds import UNBOUNDED
+    from fmfl_flwr.models import build_model
+
+    model = attach_bounds(build_model("cnn", "fashion-mnist", 10, 8), value=0.5)
+    state = model.state_dict()
+    lifted = attacks.lift_bounds(state)
+    keys = bound_keys(state)
+    assert keys and all(torch.equal(lifted[k], torch.full_like(state[k], UNBOUNDED))
+                        for k in keys)
+    assert all(torch.equal(lifted[k], v) for k, v in state.items() if k not in keys)
+    assert all(torch.equal(state[k], torch.tensor(0.5)) for k in keys)  # input untouched

@@ -121,3 +121,11 @@ def test_run_presets_size_the_simulation(argv, nodes, fraction, tmp_path, monkey
 def test_plain_fedavg_turns_the_mission_case_off():
     config = ExperimentConfig.from_run_config(PLAIN_FEDAVG)
     assert not config.fusion and config.fm_attack == "none" and config.defense == "none"
+
+
+def test_lifting_the_bounds_needs_a_client_attack():
+    with pytest.raises(ConfigError, match="attack-lift-bounds=true needs a client-attack"):
+        ExperimentConfig.from_run_config({"attack-lift-bounds": True})
+    config = ExperimentConfig.from_run_config({"attack-lift-bounds": True,
+                                               "client-attack": "badnets"})
+    assert config.attack_lift_bounds
