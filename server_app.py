@@ -23,6 +23,7 @@ from fmfl_flwr.app_config import (
     with_default_fm,
 )
 from fmfl_flwr.checkpoint import FILE as CHECKPOINT_FILE
+from fmfl_flwr.checkpoint import FINAL_FILE as FINAL_CHECKPOINT_FILE
 from fmfl_flwr.checkpoint import (
     load_checkpoint,
     restore_rng_states,
@@ -156,7 +157,7 @@ def main(grid: Grid, context: Context) -> None:
         fraction_train=config.fraction_train, fraction_evaluate=config.fraction_evaluate,
     )
     run_dir = resolve_output_dir(config.output_dir) / config.resolved_run_name()
-    resumed = load_checkpoint(run_dir, run_config)
+    resumed = load_checkpoint(run_dir, run_config, num_nodes)
     log(INFO, "fmfl: results go to %s%s", run_dir,
         f" (resuming after round {resumed['round']})" if resumed else "")
     recorder = RunRecorder(run_dir, run_config, rows=resumed["rows"] if resumed else None)
@@ -203,7 +204,7 @@ def main(grid: Grid, context: Context) -> None:
             row["client-acc"] = strategy.last_evaluate.get("local-acc", float("nan"))
         # Checkpoint first: metrics.csv never shows a round the checkpoint lacks.
         save_checkpoint(run_dir, server_round, state, [*recorder.rows, row], run_config,
-                        strategy.inner, steps)
+                        strategy.inner, steps, num_nodes)
         recorder.log_round(row)
         round_started = time.perf_counter()
         return MetricRecord({k: float(v) for k, v in row.items()})
@@ -220,5 +221,6 @@ def main(grid: Grid, context: Context) -> None:
         model.state_dict()
     summary = summarise(recorder.rows)
     path = recorder.finish(final_state, summary)
-    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    if (run_dir / CHECKPOINT_FILE).exists():  # kept, so `fmfl extend` can run more rounds
+        (run_dir / CHECKPOINT_FILE).replace(run_dir / FINAL_CHECKPOINT_FILE)
     log(INFO, "fmfl: results in %s\n%s", path, format_table([summary], ["acc", "asr"]))

@@ -3,8 +3,10 @@
 A checkpoint holds the global model after the last evaluated round, the rows written so
 far, every random-number state the server draws from, the aggregation rule's own state
 (FoolsGold's history, say) and what the server steps carry to the next round (the
-defense's warm start, say: each step names it in `RESUMED`). It is replaced atomically
-after every round. Rule and steps are restored into ones rebuilt from the same config.
+defense's warm start, say: each step names it in `RESUMED`) and how many nodes took
+part. It is replaced atomically after every round. Rule and steps are restored into ones
+rebuilt from the same config. A finished run keeps its last one as `FINAL_FILE`, from
+which `fmfl extend` continues it for more rounds.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 FILE = "checkpoint.pt"
+FINAL_FILE = "final-checkpoint.pt"
 
 
 def rng_states() -> dict[str, Any]:
@@ -67,17 +70,20 @@ def restore_step_states(steps: dict[str, object | None], states: dict[str, dict[
 
 def save_checkpoint(run_dir: Path, server_round: int, state: dict[str, torch.Tensor],
                     rows: list[dict[str, Any]], run_config: dict[str, Any],
-                    rule: object, steps: dict[str, object | None] | None = None) -> None:
+                    rule: object, steps: dict[str, object | None] | None = None,
+                    num_nodes: int = 0) -> None:
     payload = {"round": server_round, "state": state, "rows": rows, "rng": rng_states(),
                "run_config": run_config, "rule": rule_state(rule),
-               "steps": step_states(steps or {})}
+               "steps": step_states(steps or {}), "num-nodes": num_nodes}
     tmp = run_dir / f"{FILE}.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, run_dir / FILE)
 
 
-def load_checkpoint(run_dir: Path, run_config: dict[str, Any]) -> dict[str, Any] | None:
-    """The unfinished run's checkpoint in `run_dir`, or None; refuses another config's."""
+def load_checkpoint(run_dir: Path, run_config: dict[str, Any], num_nodes: int = 0
+                    ) -> dict[str, Any] | None:
+    """The unfinished run's checkpoint in `run_dir`, or None; refuses another config's, and
+    another node count's (the partitions would differ)."""
     path = run_dir / FILE
     if not path.exists() or (run_dir / "summary.json").exists():
         return None
@@ -88,5 +94,11 @@ def load_checkpoint(run_dir: Path, run_config: dict[str, Any]) -> dict[str, Any]
         raise ValueError(
             f"{run_dir} holds an unfinished run with another configuration (differs in "
             f"{changed}); give this run another run-name, or delete that folder to restart"
+        )
+    recorded = payload.get("num-nodes", 0)  # older checkpoints: not recorded
+    if recorded and num_nodes and recorded != num_nodes:
+        raise ValueError(
+            f"{run_dir} holds a run of {recorded} nodes and this one has {num_nodes}: the "
+            f"partitions would differ; run it with {recorded} supernodes"
         )
     return payload

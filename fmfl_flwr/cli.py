@@ -11,6 +11,7 @@ from pathlib import Path
 from fmfl_flwr.app_config import parse_app_config
 from fmfl_flwr.cli_fm import add_fm_commands
 from fmfl_flwr.config import ConfigError
+from fmfl_flwr.extend import ExtensionError, prepare_extension
 from fmfl_flwr.grid import add_grid_command
 from fmfl_flwr.launch import APP_DIR, run_simulation
 from fmfl_flwr.report import add_report_command
@@ -48,14 +49,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides["output-dir"] = str(output)
     code = run_simulation(overrides, num_supernodes=num_supernodes,
                           cpus_per_client=args.cpus_per_client)
-    summary_path = output / config.resolved_run_name() / "summary.json"
+    return print_result(code, output / config.resolved_run_name(), config.resolved_run_name())
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    """Run a finished run on to more rounds, in a new folder; then its result table."""
+    try:
+        run_config, nodes = prepare_extension(args.run_dir, args.rounds, args.out,
+                                              args.num_supernodes)
+    except ExtensionError as err:
+        print(f"fmfl extend: {err}", file=sys.stderr)
+        return 2
+    code = run_simulation(run_config, num_supernodes=nodes, cpus_per_client=args.cpus_per_client)
+    name = run_config["run-name"]
+    return print_result(code, Path(run_config["output-dir"]) / name, name)
+
+
+def print_result(code: int, run_dir: Path, name: str) -> int:
+    """The run's result table, or why there is none; the exit code."""
+    summary_path = run_dir / "summary.json"
     if code != 0 or not summary_path.exists():
-        print(f"fmfl run: the Flower run failed (exit {code}); no {summary_path}",
+        print(f"fmfl: the Flower run failed (exit {code}); no {summary_path}",
               file=sys.stderr)
         return code or 1
     summary = json.loads(summary_path.read_text())
     print(f"\nResults: {summary_path.parent}\n")
-    print(format_table([{"run": config.resolved_run_name(), **summary}],
+    print(format_table([{"run": name, **summary}],
                        ["run", "rounds", "acc", "asr", "client_acc", "wall_time_s"],
                        {"run": "RUN", "rounds": "ROUNDS", "acc": "ACC %", "asr": "ASR %",
                         "client_acc": "CLIENT ACC %", "wall_time_s": "WALL S"}))
@@ -77,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus-per-client", type=int, default=1,
                      help="CPU cores reserved per simulated client (Ray)")
     run.set_defaults(func=cmd_run)
+    extend = sub.add_parser("extend", help="run a finished run on to more rounds, in a new folder",
+                            description=cmd_extend.__doc__)
+    extend.add_argument("run_dir", type=Path, help="the finished run's folder (summary.json, "
+                                                   "final-checkpoint.pt)")
+    extend.add_argument("--rounds", type=int, required=True,
+                        help="num-server-rounds of the extended run (more than it ran)")
+    extend.add_argument("--out", type=Path, required=True,
+                        help="output-dir of the extended run (its folder must be new or empty)")
+    extend.add_argument("--num-supernodes", type=int, default=0,
+                        help="simulated clients (default: the run's own count)")
+    extend.add_argument("--cpus-per-client", type=int, default=1,
+                        help="CPU cores reserved per simulated client (Ray)")
+    extend.set_defaults(func=cmd_extend)
     add_fm_commands(sub)
     add_grid_command(sub)
     add_report_command(sub)

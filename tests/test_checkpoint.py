@@ -94,3 +94,10 @@ def test_server_steps_resume_with_what_they_carry(tmp_path):
     assert fitted(resumed["defense"]) == fitted(running["defense"])
     assert resumed["defense"].history[-1]["warm-start"] == 1.0  # a fresh step starts cold
     assert step_states({"defense": None}) == {}
+
+
+def test_a_run_of_another_node_count_is_refused(tmp_path):
+    save_checkpoint(tmp_path, 1, {}, [], {"seed": 1}, build_aggregation("fedavg"), num_nodes=4)
+    with pytest.raises(ValueError, match="run of 4 nodes and this one has 3"):
+        load_checkpoint(tmp_path, {"seed": 1}, num_nodes=3)
+    assert load_checkpoint(tmp_path, {"seed": 1}, num_nodes=4)["num-nodes"] == 4

@@ -1,4 +1,5 @@
-"""A killed server run resumes from its last checkpoint with the same final numbers."""
+"""A killed server run resumes from its last checkpoint with the same final numbers, and a
+finished one runs on to more rounds (`fmfl extend`) with a straight run's numbers."""
 
 import csv
 import subprocess
@@ -7,6 +8,7 @@ import time
 
 import pytest
 
+from fmfl_flwr.cli import main as fmfl_main
 from fmfl_flwr.config import PLAIN_FEDAVG
 from fmfl_flwr.launch import run_simulation, stop_processes_under
 
@@ -21,9 +23,16 @@ def _rows(path):
         return [{k: r[k] for k in ("round", "acc", "asr")} for r in csv.DictReader(handle)]
 
 
-def test_killed_run_resumes_to_the_same_numbers(tmp_path):
-    reference = {**CONFIG, "output-dir": str(tmp_path / "reference")}
-    assert run_simulation(reference, num_supernodes=3, log_path=tmp_path / "ref.log") == 0
+@pytest.fixture(scope="module")
+def reference_rows(tmp_path_factory):
+    """The rows of a straight 3-round run."""
+    out = tmp_path_factory.mktemp("reference")
+    reference = {**CONFIG, "output-dir": str(out)}
+    assert run_simulation(reference, num_supernodes=3, log_path=out / "ref.log") == 0
+    return _rows(out / "resume" / "metrics.csv")
+
+
+def test_killed_run_resumes_to_the_same_numbers(tmp_path, reference_rows):
 
     config = {**CONFIG, "output-dir": str(tmp_path / "killed")}
     home = tmp_path / "flwr-home-killed"
@@ -53,4 +62,16 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path):
     assert "resuming after round" in (tmp_path / "resumed.log").read_text()
     resumed = _rows(metrics)
     assert resumed[: len(rows_at_kill)] == rows_at_kill  # what was written is kept
-    assert resumed == _rows(tmp_path / "reference" / "resume" / "metrics.csv")
+    assert resumed == reference_rows
+
+
+def test_finished_run_extends_to_a_straight_runs_numbers(tmp_path, reference_rows):
+    short = {**CONFIG, "num-server-rounds": 2, "output-dir": str(tmp_path / "short")}
+    assert run_simulation(short, num_supernodes=3, log_path=tmp_path / "short.log") == 0
+    finished = tmp_path / "short" / "resume"
+    assert (finished / "final-checkpoint.pt").exists()
+    assert not (finished / "checkpoint.pt").exists()  # an unfinished run's file only
+    assert fmfl_main(["extend", str(finished), "--rounds", "3",
+                      "--out", str(tmp_path / "long")]) == 0
+    assert _rows(tmp_path / "long" / "resume" / "metrics.csv") == reference_rows
+    assert _rows(finished / "metrics.csv") == reference_rows[:3]  # the short run is kept

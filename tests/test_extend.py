@@ -1,0 +1,66 @@
+"""A finished run's final checkpoint seeds a longer run in a new folder, or a clear error."""
+
+import pytest
+import torch
+
+from fmfl_flwr.checkpoint import FINAL_FILE, load_checkpoint, save_checkpoint
+from fmfl_flwr.extend import ExtensionError, prepare_extension
+from strategies.registry import build_aggregation
+
+RUN_CONFIG = {"seed": 1, "num-server-rounds": 3, "output-dir": "/old", "run-name": ""}
+
+
+@pytest.fixture
+def finished(tmp_path):
+    """A run folder as a finished 3-round run on 4 nodes leaves it."""
+    run_dir = tmp_path / "old" / "fedavg-seed1"
+    run_dir.mkdir(parents=True)
+    save_checkpoint(run_dir, 3, {"w": torch.ones(2)}, [{"round": r} for r in range(4)],
+                    RUN_CONFIG, build_aggregation("fedavg"), num_nodes=4)
+    (run_dir / "checkpoint.pt").replace(run_dir / FINAL_FILE)
+    (run_dir / "summary.json").write_text("{}")
+    return run_dir
+
+
+def test_the_new_folder_resumes_after_the_last_round_with_more_rounds(finished, tmp_path):
+    out = tmp_path / "new"
+    run_config, nodes = prepare_extension(finished, 5, out)
+    assert nodes == 4
+    assert run_config == {**RUN_CONFIG, "num-server-rounds": 5, "output-dir": str(out.resolve()),
+                          "run-name": "fedavg-seed1"}
+    payload = load_checkpoint(out / "fedavg-seed1", run_config, num_nodes=4)
+    assert payload["round"] == 3 and len(payload["rows"]) == 4
+    assert torch.equal(payload["state"]["w"], torch.ones(2))
+    assert sorted(p.name for p in finished.iterdir()) == [FINAL_FILE, "summary.json"]
+
+
+@pytest.mark.parametrize(("rounds", "nodes", "message"), [
+    (3, 0, "already ran 3 rounds"),
+    (5, 10, "ran on 4 nodes"),
+])
+def test_too_few_rounds_or_another_node_count_are_refused(finished, tmp_path, rounds, nodes,
+                                                          message):
+    with pytest.raises(ExtensionError, match=message):
+        prepare_extension(finished, rounds, tmp_path / "new", nodes)
+    assert not (tmp_path / "new").exists()  # nothing written before the checks pass
+
+
+def test_a_run_without_a_final_checkpoint_or_a_used_folder_is_refused(finished, tmp_path):
+    with pytest.raises(ExtensionError, match=f"has no {FINAL_FILE}"):
+        prepare_extension(tmp_path, 5, tmp_path / "new")
+    used = tmp_path / "new" / "fedavg-seed1"
+    used.mkdir(parents=True)
+    (used / "metrics.csv").write_text("round\n")
+    with pytest.raises(ExtensionError, match="not empty"):
+        prepare_extension(finished, 5, tmp_path / "new")
+    assert (used / "metrics.csv").read_text() == "round\n"
+
+
+def test_a_checkpoint_without_a_node_count_needs_one(tmp_path):
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    save_checkpoint(run_dir, 1, {}, [], RUN_CONFIG, build_aggregation("fedavg"))
+    (run_dir / "checkpoint.pt").replace(run_dir / FINAL_FILE)
+    with pytest.raises(ExtensionError, match="give --num-supernodes"):
+        prepare_extension(run_dir, 2, tmp_path / "new")
+    assert prepare_extension(run_dir, 2, tmp_path / "new", 3)[1] == 3
