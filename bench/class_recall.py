@@ -1,8 +1,9 @@
 """Where a run's ACC sits: per-class recall and predicted-class share on the real test set.
 
-A backdoor's target class can lose its clean images while the others hold (CIFAR-10 at
-CPU scale, stop 34: the target class held 2.2-2.9 points of the 2.5-5.3-point gap to
-clean FM-FL after round 5). One row per run: the served model and the
+A single class can hold most of a gap between two runs (CIFAR-10 at CPU scale, stop 34:
+the FM attack's target class held 2.2-2.9 points of the 2.5-5.3-point gap to clean FM-FL
+after round 5, though clean FM-FL's own recall of that class swung from 14% to 54% over
+rounds 1-5). One row per run: the served model and the
 same with its bounds off (the fused model). Diagnosis only: no setting is chosen by it.
 
     python bench/class_recall.py results/s33-c10-attack-iid-bounds-r5/attack-iid-bounds \
@@ -11,14 +12,10 @@ same with its bounds off (the fused model). Diagnosis only: no setting is chosen
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 from pathlib import Path
 
 import torch
-from served_vs_fused import load_run  # the sibling bench's loader of a finished run
+from served_vs_fused import load_run, run_over_runs  # the sibling bench's loader and CLI
 
 from fmfl_flwr.data import to_float
 from fmfl_flwr.defense.bounds import bounds_disabled
@@ -50,27 +47,12 @@ def measure(run_dir: Path, data_dir: str, checkpoint: str = "") -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories (with model.pt)")
-    parser.add_argument("--checkpoint", default="",
-                        help="read this checkpoint file in each run folder, not model.pt")
-    parser.add_argument("--data-dir", default="", help="as the run config's data-dir")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    rows = []
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for run_dir in args.runs:  # rewritten after every run: a long bench keeps its rows
-        rows.append(measure(run_dir, args.data_dir, args.checkpoint))
-        served = rows[-1]["served"]
-        target = rows[-1]["target-label"]
-        print(f"{run_dir.name}: acc {served['acc']:.2f}, target-class recall "
-              f"{served['recall'][target]:.1f}, share {served['predicted-share'][target]:.1f}",
-              flush=True)
-        args.out.write_text(json.dumps({
-            "rows": rows, "evaluated-on": "real test set",
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                        "torch": torch.__version__, "threads": torch.get_num_threads()},
-        }, indent=1))
+    def line(run_dir: Path, row: dict) -> str:
+        served, target = row["served"], row["target-label"]
+        return (f"{run_dir.name}: acc {served['acc']:.2f}, target-class recall "
+                f"{served['recall'][target]:.1f}, share {served['predicted-share'][target]:.1f}")
+
+    run_over_runs(__doc__.splitlines()[0], measure, line, "real test set")
 
 
 if __name__ == "__main__":

@@ -85,8 +85,11 @@ def measure(run_dir: Path, data_dir: str, checkpoint: str = "") -> dict:
             "unbounded": unbounded}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_over_runs(description: str, measure: Callable[[Path, str, str], dict],
+                  line: Callable[[Path, dict], str], evaluated_on: str) -> None:
+    """The command line the run benches share: `measure` each run folder, print `line`,
+    and rewrite `--out` after every run, so a long bench keeps its rows."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (with model.pt)")
     parser.add_argument("--checkpoint", default="",
                         help="read this checkpoint file in each run folder, not model.pt")
@@ -95,16 +98,22 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for run_dir in args.runs:  # the file is rewritten after every run: a long bench keeps its rows
+    for run_dir in args.runs:
         rows.append(measure(run_dir, args.data_dir, args.checkpoint))
-        row = rows[-1]
-        print(run_dir.name, {way: {k: round(100 * v, 2) for k, v in row[way].items()}
-                             for way in ("served", "unbounded")}, flush=True)
+        print(line(run_dir, rows[-1]), flush=True)
         args.out.write_text(json.dumps({
-            "rows": rows, "evaluated-on": "real public split and real test set",
+            "rows": rows, "evaluated-on": evaluated_on,
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                         "torch": torch.__version__, "threads": torch.get_num_threads()},
         }, indent=1))
+
+
+def main() -> None:
+    def line(run_dir: Path, row: dict) -> str:
+        return f"{run_dir.name} " + str({way: {k: round(100 * v, 2) for k, v in row[way].items()}
+                                         for way in ("served", "unbounded")})
+
+    run_over_runs(__doc__.splitlines()[0], measure, line, "real public split and real test set")
 
 
 if __name__ == "__main__":
