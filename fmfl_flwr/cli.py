@@ -56,7 +56,7 @@ def cmd_extend(args: argparse.Namespace) -> int:
     """Run a finished run on to more rounds, in a new folder; then its result table."""
     try:
         run_config, nodes = prepare_extension(args.run_dir, args.rounds, args.out,
-                                              args.num_supernodes)
+                                              args.num_supernodes, app_defaults())
     except ExtensionError as err:
         print(f"fmfl extend: {err}", file=sys.stderr)
         return 2

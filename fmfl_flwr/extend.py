@@ -25,11 +25,14 @@ class ExtensionError(ValueError):
     """A run that cannot be extended as asked; the message says why and what to do."""
 
 
-def prepare_extension(run_dir: Path, rounds: int, output_dir: Path, num_nodes: int = 0
-                      ) -> tuple[dict[str, Any], int]:
+def prepare_extension(run_dir: Path, rounds: int, output_dir: Path, num_nodes: int = 0,
+                      defaults: dict[str, Any] | None = None) -> tuple[dict[str, Any], int]:
     """Seed `output_dir/<run-name>/` with `run_dir`'s final checkpoint, set to run to
     `rounds`; returns the run config to launch and the node count to launch it with (the
     run's own; `num_nodes` may only repeat it, or name it where it was not recorded).
+
+    `defaults` (the app's run config) fills the keys a later version added, as Flower
+    will: the resumed run's config must equal the checkpoint's.
     """
     source = run_dir / FINAL_FILE
     if not source.exists():
@@ -49,7 +52,7 @@ def prepare_extension(run_dir: Path, rounds: int, output_dir: Path, num_nodes: i
         raise ExtensionError(f"--num-supernodes {num_nodes}: {run_dir} ran on {recorded} "
                              "nodes, and other partitions would make another run")
     name = run_dir.resolve().name  # the run's folder is <output-dir>/<run name>
-    run_config = {**payload["run_config"], "num-server-rounds": rounds,
+    run_config = {**(defaults or {}), **payload["run_config"], "num-server-rounds": rounds,
                   "output-dir": str(output_dir.resolve()), "run-name": name}
     target = output_dir / name
     if target.exists() and any(target.iterdir()):

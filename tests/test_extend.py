@@ -56,6 +56,13 @@ def test_a_run_without_a_final_checkpoint_or_a_used_folder_is_refused(finished, 
     assert (used / "metrics.csv").read_text() == "round\n"
 
 
+def test_keys_a_later_version_added_take_their_defaults(finished, tmp_path):
+    run_config, _ = prepare_extension(finished, 5, tmp_path / "new",
+                                      defaults={"seed": 0, "new-knob": False})
+    assert run_config["seed"] == 1 and run_config["new-knob"] is False
+    assert load_checkpoint(tmp_path / "new" / "fedavg-seed1", run_config)["round"] == 3
+
+
 def test_a_checkpoint_without_a_node_count_needs_one(tmp_path):
     run_dir = tmp_path / "old"
     run_dir.mkdir()
