@@ -5,6 +5,9 @@ import torch
 
 from fmfl_flwr import attacks
 from fmfl_flwr.config import ExperimentConfig
+from fmfl_flwr.defense import attach_bounds, bound_keys
+from fmfl_flwr.defense.bounds import UNBOUNDED
+from fmfl_flwr.models import build_model
 from fmfl_flwr.triggers import badnets, blended, dba_global, make_trigger
 
 SHAPE = (1, 28, 28)
@@ -97,10 +100,6 @@ def test_default_boost_is_n_over_m():
 
 
 def test_lift_bounds_sets_every_bound_to_unbounded_and_leaves_the_weights():
-    from fmfl_flwr.defense import attach_bounds, bound_keys
-    from fmfl_flwr.defense.bounds import UNBOUNDED
-    from fmfl_flwr.models import build_model
-
     model = attach_bounds(build_model("cnn", "fashion-mnist", 10, 8), value=0.5)
     state = model.state_dict()
     lifted = attacks.lift_bounds(state)

@@ -33,7 +33,6 @@ def reference_rows(tmp_path_factory):
 
 
 def test_killed_run_resumes_to_the_same_numbers(tmp_path, reference_rows):
-
     config = {**CONFIG, "output-dir": str(tmp_path / "killed")}
     home = tmp_path / "flwr-home-killed"
     script = ("import sys, json; from fmfl_flwr.launch import run_simulation; "
