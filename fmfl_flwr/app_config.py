@@ -50,7 +50,8 @@ def fusion_settings(config: ExperimentConfig) -> FusionSettings:
                           relabel_target=config.distill_relabel_target,
                           relabel_cap=config.bounds_overrule_cap,
                           unlearn_poison=config.distill_unlearn_poison and
-                          config.defense == "activation-bounds")
+                          config.defense == "activation-bounds",
+                          unlearn_to_teacher=config.distill_unlearn_teacher)
 
 
 def bound_settings(config: ExperimentConfig) -> BoundSettings:

@@ -72,6 +72,8 @@ class ExperimentConfig:
     # fusion teaches the named target's suspected poison away from it (docs/defense.md);
     # acts only where fusion runs with activation-bounds, whose overrule gate names targets
     distill_unlearn_poison: bool = True
+    # ... and teaches that poison the client ensemble's other classes (KL without the target)
+    distill_unlearn_teacher: bool = False
     defense: str = "activation-bounds"  # checked against the registry (fmfl_flwr.app_config)
     # activation-bounds knobs (fmfl_flwr.defense.BoundSettings; docs/defense.md)
     bounds_objective: str = field(default="ensemble-switch", metadata=_choices(
@@ -189,6 +191,10 @@ class ExperimentConfig:
                 "defense='activation-bounds' (the defense whose overrule gate names the "
                 f"target); got fusion={self.fusion}, defense={self.defense!r}"
             )
+        if self.distill_unlearn_teacher and not self.distill_unlearn_poison:
+            raise ConfigError("distill-unlearn-teacher=true changes how the suspected poison "
+                              "is unlearned and needs distill-unlearn-poison=true; got "
+                              "distill-unlearn-poison=false")
 
     def to_run_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -12,7 +12,9 @@ backdoor's target are replaced by the ensemble's class where the ensemble disput
 With `unlearn_poison`, the D_syn samples labelled with that target that sit with the
 poison in the features of the model last served (`suspected_poison`) are taught away
 from the target instead: -log(1 - p_target) in place of their CE term, and no KL to a
-teacher that may share their backdoor.
+teacher that may share their backdoor; with `unlearn_to_teacher` their KL term stays,
+to the teacher with the target class taken out (`without_class`), so the poison's
+images also teach the classes they show.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class FusionSettings:
     relabel_target: bool = False  # the named target's disputed labels -> the ensemble's class
     relabel_cap: float = 1.0  # at most this share of D_syn relabelled (the bounds' overrule cap)
     unlearn_poison: bool = False  # the named target's suspected poison taught away from it
+    unlearn_to_teacher: bool = False  # ... and toward the teacher's other classes
 
 
 def pretrain(model: nn.Module, syn_x: torch.Tensor, syn_y: torch.Tensor,
@@ -153,7 +156,8 @@ def distill(model: nn.Module, teacher_logits: torch.Tensor, syn_x: torch.Tensor,
     """Distil `teacher_logits` (and the synthetic labels) into `model` with Adam; mean loss.
 
     `unlearn` (a mask over the samples) marks those taught away from class `target`:
-    -log(1 - p_target) replaces their CE term and they have no KL term.
+    -log(1 - p_target) replaces their CE term, and they have no KL term, or with
+    `settings.unlearn_to_teacher` a KL term to the teacher without `target`.
     """
     device = default_device()
     model.to(device).train()
@@ -168,13 +172,27 @@ def distill(model: nn.Module, teacher_logits: torch.Tensor, syn_x: torch.Tensor,
             return alpha * F.cross_entropy(logits, syn_y[batch].to(device)) + \
                 (1 - alpha) * tau**2 * kl
         away = unlearn[batch].to(device)
+        if settings.unlearn_to_teacher:
+            teacher = torch.where(away[:, None], without_class(teacher, target), teacher)
         kl = F.kl_div(F.log_softmax(logits / tau, 1), teacher, reduction="none").sum(1)
+        if not settings.unlearn_to_teacher:
+            kl = kl * ~away
         ce = F.cross_entropy(logits, syn_y[batch].to(device), reduction="none")
         ce = torch.where(away, -log_not_class(logits, target), ce)
-        return (alpha * ce + (1 - alpha) * tau**2 * kl * ~away).mean()
+        return (alpha * ce + (1 - alpha) * tau**2 * kl).mean()
 
     return minimise(optimiser, len(syn_x), settings.epochs, settings.batch_size, round_seed,
                     batch_loss)
+
+
+def without_class(probs: torch.Tensor, target: int) -> torch.Tensor:
+    """`probs` (rows summing to 1) with class `target`'s share given to the others pro rata.
+
+    A row that put everything on `target` becomes all zeros: it then teaches nothing.
+    """
+    others = probs.clone()
+    others[:, target] = 0
+    return others / others.sum(1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
 
 
 def log_not_class(logits: torch.Tensor, target: int) -> torch.Tensor:

@@ -123,6 +123,16 @@ def test_plain_fedavg_turns_the_mission_case_off():
     assert not config.fusion and config.fm_attack == "none" and config.defense == "none"
 
 
+def test_unlearning_toward_the_teacher_needs_unlearning():
+    from fmfl_flwr.app_config import fusion_settings
+    with pytest.raises(ConfigError, match="distill-unlearn-teacher=true .* needs "
+                                          "distill-unlearn-poison=true"):
+        ExperimentConfig.from_run_config({"distill-unlearn-teacher": True,
+                                          "distill-unlearn-poison": False})
+    config = ExperimentConfig.from_run_config({"distill-unlearn-teacher": True})
+    assert fusion_settings(config).unlearn_to_teacher
+
+
 def test_lifting_the_bounds_needs_a_client_attack():
     with pytest.raises(ConfigError, match="attack-lift-bounds=true needs a client-attack"):
         ExperimentConfig.from_run_config({"attack-lift-bounds": True})

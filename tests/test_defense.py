@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fmfl_flwr.defense import (
     DEFENSES,
@@ -45,6 +46,7 @@ from fmfl_flwr.fusion import (
     distill,
     relabel_disputed,
     suspected_poison,
+    without_class,
 )
 from fmfl_flwr.models import build_model
 from fmfl_flwr.training import predict_logits, train_epochs
@@ -799,6 +801,40 @@ def test_fusion_unlearns_the_poison_the_bounds_and_its_features_point_to(backdoo
     # stop 26), and the poison left labelled 0 keeps part of the backdoor
     assert found[False]["asr"] > 0.9 and found[True]["asr"] < found[False]["asr"] - 0.4
     assert found[True]["acc"] > 0.95
+
+
+def test_the_target_taken_out_of_a_teacher_gives_its_share_to_the_other_classes() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.2], [1.0, 0.0, 0.0]])
+    out = without_class(probs, 0)
+    assert torch.allclose(out[0], torch.tensor([0.0, 0.6, 0.4]))
+    assert out[1].eq(0).all()  # all on the target: the row teaches nothing, not NaN
+
+
+def test_unlearning_toward_the_teacher_teaches_the_poison_its_true_classes(backdoored) -> None:
+    """Taught only away from class 0, the poison's images (stamped classes 1-2) learn
+    nothing of which of the others they are; with `unlearn_to_teacher` their KL term pulls
+    them to the clean ensemble's classes, and the trigger still leads away from 0."""
+    model, images, ensemble = backdoored
+    _, labels = poisoned_task()
+    true_labels = task(900)[1]
+    poison = labels != true_labels
+    test_x, test_y = task(300, seed=1)
+    stamped = CORNER.stamp(test_x[test_y != 0])
+    found = {}
+    for to_teacher in (False, True):
+        student = copy.deepcopy(model)
+        distill(student, ensemble, images, labels,
+                FusionSettings(epochs=3, alpha=0.9, lr=0.01, unlearn_to_teacher=to_teacher),
+                round_seed=1, unlearn=poison, target=0)
+        student.eval()
+        with torch.no_grad():
+            log_probs = F.log_softmax(student(images[poison]) / 2.0, 1)
+            wanted = without_class(F.softmax(ensemble[poison] / 2.0, 1), 0)
+            found[to_teacher] = {
+                "kl": F.kl_div(log_probs, wanted, reduction="batchmean").item(),
+                "asr": (student(stamped).argmax(1) == 0).float().mean().item()}
+    assert found[True]["kl"] < found[False]["kl"] / 2
+    assert found[True]["asr"] < 0.1 and found[False]["asr"] < 0.1
 
 
 def test_the_split_is_sought_on_the_model_last_served_not_the_aggregate(backdoored) -> None:
