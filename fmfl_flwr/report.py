@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from fmfl_flwr.config import ExperimentConfig
 from fmfl_flwr.grid import CELL_FILE, NUM_SUPERNODES
 
 SETTING = ["system", "threat", "partition", "clients", "variant"]
@@ -30,6 +31,8 @@ IGNORED = {"seed", "output-dir", "run-name", "data-dir"}
 # keys the setting and defense columns already show
 SHOWN = {"fusion", "fm-attack", "client-attack", "partition", "dirichlet-alpha", "aggregation",
          "defense"}
+# what a key a later version added was for the runs before it (runs resume under them too)
+DEFAULTS = ExperimentConfig().to_run_config()
 
 
 def load_runs(folder: Path) -> pd.DataFrame:
@@ -55,7 +58,7 @@ def load_runs(folder: Path) -> pd.DataFrame:
             "wall_time_s": float(summary.get("wall_time_s", float("nan"))),
             "note": "; ".join(filter(None, [check_phases(config, summary.get("phases_s", {})),
                                             check_replies(summary)])),
-            "config": json.dumps({k: v for k, v in sorted(config.items())
+            "config": json.dumps({k: v for k, v in sorted({**DEFAULTS, **config}.items())
                                   if k not in IGNORED}, default=str),
         })
     runs = pd.DataFrame.from_records(records)
@@ -108,7 +111,10 @@ def check_replies(summary: dict[str, Any]) -> str:
 
 
 def _variants(runs: pd.DataFrame) -> pd.Series:
-    """Keys that tell apart runs the other columns would lump together (e.g. `lr=0.01`)."""
+    """Keys that tell apart runs the other columns would lump together (e.g. `lr=0.01`).
+
+    A key missing from a run's config (an older version's run) counts as its default.
+    """
     configs = runs["config"].map(json.loads)
     variant = pd.Series("", index=runs.index)
     for _, group in runs.groupby(["system", "threat", "partition", "clients", "defense"],

@@ -103,6 +103,20 @@ def test_runs_that_differ_in_other_keys_are_kept_apart(tmp_path):
     assert "lr=0.01" in markdown_table(table)  # one run has no client count (NA)
 
 
+def test_a_key_an_older_run_lacks_counts_as_its_default(tmp_path):
+    """A run from before `attack-lift-bounds` existed and one with it at its default are
+    seeds of one setting; one with it on is another."""
+    make_run(tmp_path, "old", {"seed": 0}, [0.1, 0.9], [0.0, 0.1])
+    make_run(tmp_path, "new", {"seed": 1, "attack-lift-bounds": False}, [0.1, 0.7],
+             [0.0, 0.1])
+    table = summary_table(load_runs(tmp_path))
+    assert list(table["seeds"]) == [2] and list(table["variant"]) == [""]
+    make_run(tmp_path, "lifted", {"seed": 2, "attack-lift-bounds": True}, [0.1, 0.5],
+             [0.0, 0.1])
+    table = summary_table(load_runs(tmp_path))
+    assert sorted(table["variant"]) == ["attack-lift-bounds=False", "attack-lift-bounds=True"]
+
+
 def test_runs_in_hidden_folders_are_not_read(tmp_path):
     make_run(tmp_path, "a", {}, [0.1, 0.9], [0.0, 0.1])
     make_run(tmp_path / ".flwr" / "apps" / "docs", "old", {"seed": 3}, [0.1, 0.5], [0.0, 0.1])
