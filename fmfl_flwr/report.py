@@ -31,7 +31,10 @@ IGNORED = {"seed", "output-dir", "run-name", "data-dir"}
 # keys the setting and defense columns already show
 SHOWN = {"fusion", "fm-attack", "client-attack", "partition", "dirichlet-alpha", "aggregation",
          "defense"}
-# what a key a later version added was for the runs before it (runs resume under them too)
+# a key a later version added counts as its default for the runs before it, as `fmfl extend`
+# assumes: right where the key came with a default that kept the old behaviour (how keys are
+# added here), wrong for a run older than a key whose default later flipped
+# (`distill-unlearn-poison`, stop 29: runs before stop 26 did not unlearn)
 DEFAULTS = ExperimentConfig().to_run_config()
 
 

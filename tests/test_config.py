@@ -125,6 +125,7 @@ def test_plain_fedavg_turns_the_mission_case_off():
 
 def test_unlearning_toward_the_teacher_needs_unlearning():
     from fmfl_flwr.app_config import fusion_settings
+
     with pytest.raises(ConfigError, match="distill-unlearn-teacher=true .* needs "
                                           "distill-unlearn-poison=true"):
         ExperimentConfig.from_run_config({"distill-unlearn-teacher": True,

@@ -811,9 +811,10 @@ def test_the_target_taken_out_of_a_teacher_gives_its_share_to_the_other_classes(
 
 
 def test_unlearning_toward_the_teacher_teaches_the_poison_its_true_classes(backdoored) -> None:
-    """Taught only away from class 0, the poison's images (stamped classes 1-2) learn
-    nothing of which of the others they are; with `unlearn_to_teacher` their KL term pulls
-    them to the clean ensemble's classes, and the trigger still leads away from 0."""
+    """Taught only away from class 0, the poison's images (stamped classes 1-2) get no
+    signal for which of the others they are (the toy model places them from its features
+    anyway); with `unlearn_to_teacher` their KL term pulls them to the clean ensemble's
+    classes, and the trigger still leads away from 0."""
     model, images, ensemble = backdoored
     _, labels = poisoned_task()
     true_labels = task(900)[1]
