@@ -4,7 +4,8 @@ A run is a folder with `summary.json` (see CONTRACT.md); its `config.json` says 
 was, and `cell.json` (written by `fmfl grid`) adds the number of simulated clients. Runs
 that differ only in `seed` are one setting: the table gives their mean ± std, in the
 paper's shape (a row per defense, a column per setting: system, threat, partition,
-clients). Writes under `<dir>/report/` (or `--out`):
+clients). Links to run folders are followed. Writes under `<dir>/report/` (or
+`--out`):
 
 - `runs.csv`: one row per run (tidy: settings, seed, final ACC/ASR, times);
 - `table.csv` / `table.md`: mean and std over seeds per defense x setting;
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -44,11 +46,8 @@ def load_runs(folder: Path) -> pd.DataFrame:
     Several grids' folders under `folder` come one grid after the other.
     """
     records = []
-    for summary_path in sorted(Path(folder).rglob("summary.json")):
-        run_dir = summary_path.parent
-        hidden = any(part.startswith(".") for part in run_dir.relative_to(folder).parts)
-        if hidden or not (run_dir / "config.json").is_file():
-            continue  # hidden: e.g. the app copies in a grid's .flwr folder
+    for run_dir in _run_dirs(Path(folder)):
+        summary_path = run_dir / "summary.json"
         config = json.loads((run_dir / "config.json").read_text())["run_config"]
         summary = json.loads(summary_path.read_text())
         cell = _read_json(run_dir / CELL_FILE)
@@ -72,6 +71,24 @@ def load_runs(folder: Path) -> pd.DataFrame:
     runs["variant"] = _variants(runs)
     runs["clients"] = runs["clients"].astype("Int64")
     return runs.drop(columns="config")
+
+
+def _run_dirs(folder: Path) -> list[Path]:
+    """Folders under `folder` with a summary and a config, through symbolic links (a report
+    folder of links to runs kept elsewhere), each real folder once (under the first name in
+    sorted order), hidden ones skipped (e.g.
+    the app copies in a grid's .flwr folder)."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a second link to a folder, or a link back up the tree
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        if "summary.json" in files and "config.json" in files:
+            found.append(Path(root))
+    return sorted(found)
 
 
 def describe(config: dict[str, Any]) -> dict[str, str]:

@@ -123,6 +123,20 @@ def test_runs_in_hidden_folders_are_not_read(tmp_path):
     assert list(load_runs(tmp_path)["run"]) == ["a"]
 
 
+def test_runs_behind_symbolic_links_are_read_once(tmp_path):
+    """A report folder of links to runs kept elsewhere; a link back up the tree and a second
+    link to the same run neither loop nor count twice."""
+    kept, report = tmp_path / "kept", tmp_path / "report"
+    make_run(kept, "a", {}, [0.1, 0.9], [0.0, 0.1])
+    make_run(kept, "b", {"seed": 1}, [0.1, 0.7], [0.0, 0.1])
+    report.mkdir()
+    (report / "a").symlink_to(kept / "a")
+    (report / "a-again").symlink_to(kept / "a")
+    (report / "b").symlink_to(kept / "b")
+    (report / "loop").symlink_to(report)
+    assert sorted(load_runs(report)["run"]) == ["a", "b"]
+
+
 def test_report_writes_tables_and_plots(results, tmp_path, capsys):
     out = tmp_path / "report-out"
     assert main(["report", str(results), "--out", str(out)]) == 0
