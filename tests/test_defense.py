@@ -904,6 +904,21 @@ def test_the_gate_finding_is_the_most_the_gate_overruled_in_the_named_class() ->
     assert step.gate_finding == pytest.approx(0.16)  # round 2's, not round 4's 0.08 nor 3's
 
 
+def test_a_forced_round_s_cap_names_no_target() -> None:
+    """After fusion unlearned less than the gate saw, the cap is overruled whatever its
+    share: its top class (clean errors, under the gate) must not become the target; a
+    later cap that passes the gate on another class does."""
+    step = BoundsStep(tiny, torch.zeros(1, 1), torch.zeros(1), BoundSettings(overrule_gate=0.5))
+
+    def gate(target: float, top: float) -> dict[str, float]:
+        return {"gate-class": target, "cap-top-class-share": top, "overruled-share": 0.2}
+    step.history = [gate(0, 0.97), gate(8, 0.365)]
+    assert step.named_target == 0
+    assert step.gate_finding == pytest.approx(0.194)
+    step.history.append(gate(8, 0.6))
+    assert step.named_target == 8
+
+
 def test_after_unlearning_the_fit_trusts_or_overrules_by_what_the_gate_saw() -> None:
     settings = BoundSettings(overrule_gate=0.5)
     assert settings_after_unlearning(settings, 0.0, 0.15) == settings
