@@ -888,6 +888,7 @@ def test_bounds_trust_a_fused_model_only_where_fusion_unlearned_what_the_gate_sa
     unlearned[0] = step.gate_finding / 2
     step(3, state, [], [])
     assert step.history[-1]["overruled-share"] == first["overruled-share"]
+    assert step.history[-1]["gate-forced"] == 1 and first["gate-forced"] == 0
     assert step.named_target == 0
 
 
@@ -906,17 +907,18 @@ def test_the_gate_finding_is_the_most_the_gate_overruled_in_the_named_class() ->
 
 def test_a_forced_round_s_cap_names_no_target() -> None:
     """After fusion unlearned less than the gate saw, the cap is overruled whatever its
-    share: its top class (clean errors, under the gate) must not become the target; a
-    later cap that passes the gate on another class does."""
+    share: its top class (what the unlearning left, however concentrated) must not become
+    the target; a later round whose gate passes on another class does rename it."""
     step = BoundsStep(tiny, torch.zeros(1, 1), torch.zeros(1), BoundSettings(overrule_gate=0.5))
 
-    def gate(target: float, top: float) -> dict[str, float]:
-        return {"gate-class": target, "cap-top-class-share": top, "overruled-share": 0.2}
-    step.history = [gate(0, 0.97), gate(8, 0.365)]
+    def gate(target: float, top: float, forced: bool) -> dict[str, float]:
+        return {"gate-class": target, "cap-top-class-share": top, "overruled-share": 0.2,
+                "gate-forced": float(forced)}
+    step.history = [gate(0, 0.97, False), gate(8, 0.365, True), gate(7, 0.935, True)]
     assert step.named_target == 0
     assert step.gate_finding == pytest.approx(0.194)
-    step.history.append(gate(8, 0.6))
-    assert step.named_target == 8
+    step.history.append(gate(7, 0.6, False))
+    assert step.named_target == 7
 
 
 def test_after_unlearning_the_fit_trusts_or_overrules_by_what_the_gate_saw() -> None:
