@@ -47,9 +47,8 @@ def load_runs(folder: Path) -> pd.DataFrame:
     """
     records = []
     for run_dir in _run_dirs(Path(folder)):
-        summary_path = run_dir / "summary.json"
         config = json.loads((run_dir / "config.json").read_text())["run_config"]
-        summary = json.loads(summary_path.read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
         cell = _read_json(run_dir / CELL_FILE)
         records.append({
             "run": run_dir.name, "path": str(run_dir), **describe(config),
@@ -76,8 +75,7 @@ def load_runs(folder: Path) -> pd.DataFrame:
 def _run_dirs(folder: Path) -> list[Path]:
     """Folders under `folder` with a summary and a config, through symbolic links (a report
     folder of links to runs kept elsewhere), each real folder once (under the first name in
-    sorted order), hidden ones skipped (e.g.
-    the app copies in a grid's .flwr folder)."""
+    sorted order), hidden ones skipped (e.g. the app copies in a grid's .flwr folder)."""
     found, seen = [], set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
