@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 from class_recall import class_scores  # the sibling benches' scorer and run reader
 from served_vs_fused import recorded_config
+from split_census import clean_dsyn
 
 from fmfl_flwr import attacks
-from fmfl_flwr.app_config import fusion_settings, parse_app_config, with_default_fm
+from fmfl_flwr.app_config import fusion_settings, with_default_fm
 from fmfl_flwr.data import load_dataset, to_float
 from fmfl_flwr.foundation import synthetic_set_for_config
 from fmfl_flwr.fusion import pretrain
@@ -70,8 +71,7 @@ def main() -> None:
     test_x, test_y = to_float(dataset.test_x), torch.as_tensor(dataset.test_y)
     trigger = attacks.evaluation_trigger(config, dataset.image_shape)
     syn = synthetic_set_for_config(with_default_fm(config))
-    clean_config = parse_app_config({**config.to_run_config(), "fm-attack": "none"})
-    clean = synthetic_set_for_config(with_default_fm(clean_config))
+    clean = clean_dsyn(config)
     variants = dsyn_variants(syn.images, syn.labels, syn.poisoned, clean.images, clean.labels)
 
     rows = {}

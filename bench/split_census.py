@@ -31,13 +31,17 @@ from fmfl_flwr.fusion import flipped_from_target, suspected_poison
 from fmfl_flwr.training import logits_and_features, predict_logits
 
 
+def clean_dsyn(config: ExperimentConfig) -> SyntheticSet:
+    """The clean D_syn of the run's FM and seed: what the FM attack started from."""
+    clean_config = parse_app_config({**config.to_run_config(), "fm-attack": "none"})
+    return synthetic_set_for_config(with_default_fm(clean_config))
+
+
 def poisoned_dsyn(config: ExperimentConfig) -> tuple[SyntheticSet, torch.Tensor]:
     """The run's D_syn and which of its samples the FM attack poisoned: those that differ
     from the clean D_syn of the same FM and seed (both cached on disk)."""
     syn = synthetic_set_for_config(with_default_fm(config))
-    clean_config = parse_app_config({**config.to_run_config(), "fm-attack": "none"})
-    clean = synthetic_set_for_config(with_default_fm(clean_config))
-    return syn, (syn.images != clean.images).flatten(1).any(1)
+    return syn, (syn.images != clean_dsyn(config).images).flatten(1).any(1)
 
 
 def census(chosen: torch.Tensor, poisoned: torch.Tensor) -> dict[str, float]:
