@@ -259,3 +259,26 @@ def _check_field(key: str, value: Any, rules: dict[str, Any]) -> None:
         raise ConfigError(f"{key}={value!r} must be > {rules['min_exclusive']}")
     if "max_exclusive" in rules and value >= rules["max_exclusive"]:
         raise ConfigError(f"{key}={value!r} must be < {rules['max_exclusive']}")
+
+
+# What the code did before each of these keys existed, where that is not the key's default
+# now: the key came with its new behaviour on, or its default later flipped. None: no value
+# of the key reproduces it (before bounds-trim, round 0 had no defense step at all).
+BEFORE_THE_KEY: dict[str, Any] = {
+    "distill-bounds": True,  # 791339e: fusion distilled through the served bounds
+    "bounds-trim": None,  # b8803c4: the round-0 step came with it
+    "bounds-overrule-cap": 1.0,  # 37faf6a: the ensemble overruled every disagreement
+    "bounds-overrule-rank": "confidence",  # fedd23c
+    "bounds-overrule-gate": 0.0,  # bd90953: overrule whatever class fills the cap
+    "bounds-gate-class-weight": 1.0,  # 43f6497: the gate's class agreements counted
+    "distill-unlearn-poison": False,  # 07a267e: on by default since 970d938 (stop 29)
+    "bounds-warm-min-agreement": 0.0,  # 51d5fa3: a warm start was never dropped
+}
+
+
+def complete_run_config(recorded: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A run config recorded by an older version, with the keys added since as that version
+    ran: `BEFORE_THE_KEY`, else `defaults` (a key that kept the old behaviour)."""
+    before = {**BEFORE_THE_KEY,  # before fedd23c a warm fit ran all of bounds-epochs
+              "bounds-warm-epochs": recorded.get("bounds-epochs", defaults.get("bounds-epochs"))}
+    return {**defaults, **{k: v for k, v in before.items() if k in defaults}, **recorded}

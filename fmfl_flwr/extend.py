@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fmfl_flwr.checkpoint import FILE, FINAL_FILE
+from fmfl_flwr.config import complete_run_config
 
 
 class ExtensionError(ValueError):
@@ -31,8 +32,9 @@ def prepare_extension(run_dir: Path, rounds: int, output_dir: Path, num_nodes: i
     `rounds`; returns the run config to launch and the node count to launch it with (the
     run's own; `num_nodes` may only repeat it, or name it where it was not recorded).
 
-    `defaults` (the app's run config) fills the keys a later version added, as Flower
-    will: the resumed run's config must equal the checkpoint's.
+    The keys a later version added are filled as the run's version ran without them
+    (`complete_run_config`, from `defaults`, the app's run config), so that Flower, which
+    fills missing keys from the app's defaults, resumes the checkpoint's configuration.
     """
     source = run_dir / FINAL_FILE
     if not source.exists():
@@ -52,8 +54,13 @@ def prepare_extension(run_dir: Path, rounds: int, output_dir: Path, num_nodes: i
         raise ExtensionError(f"--num-supernodes {num_nodes}: {run_dir} ran on {recorded} "
                              "nodes, and other partitions would make another run")
     name = run_dir.resolve().name  # the run's folder is <output-dir>/<run name>
-    run_config = {**(defaults or {}), **payload["run_config"], "num-server-rounds": rounds,
-                  "output-dir": str(output_dir.resolve()), "run-name": name}
+    run_config = {**complete_run_config(payload["run_config"], defaults or {}),
+                  "num-server-rounds": rounds, "output-dir": str(output_dir.resolve()),
+                  "run-name": name}
+    lost = sorted(k for k, v in run_config.items() if v is None)
+    if lost:
+        raise ExtensionError(f"{run_dir} ran before {', '.join(lost)} existed, and no value "
+                             "of it repeats what that version did; rerun it instead")
     target = output_dir / name
     if target.exists() and any(target.iterdir()):
         raise ExtensionError(f"{target} is not empty; give --out a new folder (results "

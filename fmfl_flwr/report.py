@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from fmfl_flwr.config import ExperimentConfig
+from fmfl_flwr.config import ExperimentConfig, complete_run_config
 from fmfl_flwr.grid import CELL_FILE, NUM_SUPERNODES
 
 SETTING = ["system", "threat", "partition", "clients", "variant"]
@@ -33,10 +33,7 @@ IGNORED = {"seed", "output-dir", "run-name", "data-dir"}
 # keys the setting and defense columns already show
 SHOWN = {"fusion", "fm-attack", "client-attack", "partition", "dirichlet-alpha", "aggregation",
          "defense"}
-# a key a later version added counts as its default for the runs before it, as `fmfl extend`
-# assumes: right where the key came with a default that kept the old behaviour (how keys are
-# added here), wrong for a run older than a key whose default later flipped
-# (`distill-unlearn-poison`, stop 29: runs before stop 26 did not unlearn)
+# a key a later version added counts as the older runs ran without it (`complete_run_config`)
 DEFAULTS = ExperimentConfig().to_run_config()
 
 
@@ -59,7 +56,8 @@ def load_runs(folder: Path) -> pd.DataFrame:
             "wall_time_s": float(summary.get("wall_time_s", float("nan"))),
             "note": "; ".join(filter(None, [check_phases(config, summary.get("phases_s", {})),
                                             check_replies(summary)])),
-            "config": json.dumps({k: v for k, v in sorted({**DEFAULTS, **config}.items())
+            "config": json.dumps({k: v for k, v in
+                                  sorted(complete_run_config(config, DEFAULTS).items())
                                   if k not in IGNORED}, default=str),
         })
     runs = pd.DataFrame.from_records(records)
@@ -131,7 +129,8 @@ def check_replies(summary: dict[str, Any]) -> str:
 def _variants(runs: pd.DataFrame) -> pd.Series:
     """Keys that tell apart runs the other columns would lump together (e.g. `lr=0.01`).
 
-    A key missing from a run's config (an older version's run) counts as its default.
+    A key missing from a run's config (an older version's run) counts as that version ran
+    without it (`complete_run_config`).
     """
     configs = runs["config"].map(json.loads)
     variant = pd.Series("", index=runs.index)

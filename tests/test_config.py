@@ -140,3 +140,20 @@ def test_lifting_the_bounds_needs_a_client_attack():
     config = ExperimentConfig.from_run_config({"attack-lift-bounds": True,
                                                "client-attack": "badnets"})
     assert config.attack_lift_bounds
+
+
+def test_a_key_added_later_is_filled_as_the_older_version_ran():
+    from fmfl_flwr.config import BEFORE_THE_KEY, complete_run_config
+
+    defaults = ExperimentConfig().to_run_config()
+    old = complete_run_config({"seed": 3, "bounds-epochs": 20}, defaults)
+    assert old["seed"] == 3 and old["attack-lift-bounds"] is False  # kept the old behaviour
+    assert old["distill-unlearn-poison"] is False and old["bounds-overrule-gate"] == 0.0
+    assert old["distill-bounds"] is True and old["bounds-trim"] is None
+    assert old["bounds-warm-epochs"] == 20  # a warm fit ran every epoch
+    recorded = {**defaults, "distill-unlearn-poison": True}
+    assert complete_run_config(recorded, defaults) == recorded
+    assert set(BEFORE_THE_KEY) <= set(defaults)
+    # each value other than None is one the key accepts, and not its default now
+    ExperimentConfig.from_run_config({k: v for k, v in old.items() if v is not None})
+    assert all(defaults[k] != v for k, v in BEFORE_THE_KEY.items())

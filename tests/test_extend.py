@@ -63,6 +63,12 @@ def test_keys_a_later_version_added_take_their_defaults(finished, tmp_path):
     assert load_checkpoint(tmp_path / "new" / "fedavg-seed1", run_config)["round"] == 3
 
 
+def test_a_run_from_before_a_key_no_value_repeats_is_not_extended(finished, tmp_path):
+    with pytest.raises(ExtensionError, match="ran before bounds-trim existed"):
+        prepare_extension(finished, 5, tmp_path / "new", defaults={"bounds-trim": 0.2})
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_checkpoint_without_a_node_count_needs_one(tmp_path):
     run_dir = tmp_path / "old"
     run_dir.mkdir()

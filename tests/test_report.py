@@ -117,6 +117,17 @@ def test_a_key_an_older_run_lacks_counts_as_its_default(tmp_path):
     assert sorted(table["variant"]) == ["attack-lift-bounds=False", "attack-lift-bounds=True"]
 
 
+def test_a_key_whose_default_flipped_counts_as_the_older_run_ran(tmp_path):
+    """Runs from before `distill-unlearn-poison` did not unlearn: they are not seeds of a
+    run that unlearns by default."""
+    make_run(tmp_path, "old", {"seed": 0}, [0.1, 0.9], [0.0, 0.1])
+    make_run(tmp_path, "new", {"seed": 1, "distill-unlearn-poison": True}, [0.1, 0.7],
+             [0.0, 0.1])
+    table = summary_table(load_runs(tmp_path))
+    assert "distill-unlearn-poison=False" in set(table["variant"])
+    assert "distill-unlearn-poison=True" in set(table["variant"])
+
+
 def test_runs_in_hidden_folders_are_not_read(tmp_path):
     make_run(tmp_path, "a", {}, [0.1, 0.9], [0.0, 0.1])
     make_run(tmp_path / ".flwr" / "apps" / "docs", "old", {"seed": 3}, [0.1, 0.5], [0.0, 0.1])
