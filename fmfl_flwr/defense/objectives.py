@@ -44,6 +44,8 @@ class Reference:
     flips_excused: int = 0
     # how much of the capped disagreements one fused class holds (what the gate tests)
     cap_top_class_share: float = float("nan")
+    # of the cap's samples in that class, the share the ensemble's most common class holds
+    cap_source_share: float = float("nan")
     # agreements in the class the gate names, taken out of `keep` (`gate_class_weight`)
     gate_class_spared: int = 0
     # the fused class that fills the overruled cap once the gate passes (-1: none named)
@@ -56,6 +58,21 @@ def top_class_share(candidates: torch.Tensor, classes: torch.Tensor) -> float:
         return float("nan")
     own = classes[candidates]
     return (own == own.mode().values).float().mean().item()
+
+
+def source_share(capped: torch.Tensor, fused_classes: torch.Tensor,
+                 ensemble_classes: torch.Tensor) -> float:
+    """Of the `capped` samples (indices) in their most common fused class, the share the
+    client ensemble's most common class holds (nan if none).
+
+    A one-target backdoor stamps images of every other class, which the clean ensemble
+    still sees as those classes, so its classes there spread; a clean class the fused model
+    wins over a non-IID ensemble's bias is mistaken for the few classes that bias favours.
+    """
+    if len(capped) == 0:
+        return float("nan")
+    own = fused_classes[capped]
+    return top_class_share(capped[own == own.mode().values], ensemble_classes)
 
 
 def one_class_share(candidates: torch.Tensor, classes: torch.Tensor, gate: float) -> torch.Tensor:
@@ -85,6 +102,7 @@ def fidelity_reference(
     excuse_flips: float = 0.0,
     overrule_gate: float = 0.0,
     gate_class_weight: float = 1.0,
+    overrule_source_max: float = 1.0,
 ) -> Reference:
     """Targets and weights of `objective`; without an ensemble every objective is MM-BM's.
 
@@ -95,7 +113,9 @@ def fidelity_reference(
     a backdoor sends its samples there. With `overrule_gate`, the capped set is overruled
     only if one fused class holds at least that share of it (`top_class_share`): a
     backdoor's poison fills the cap with its target, while a clean non-IID ensemble's most
-    suspect disagreements spread over the classes and are mostly its own errors. Below the
+    suspect disagreements spread over the classes and are mostly its own errors; and only
+    if the ensemble's classes on that class's capped samples spread, its most common one
+    holding at most `overrule_source_max` of them (`source_share`). Below the
     gate the fused model is trusted on every sample and counted in `keep`: MM-BM's
     reference, since the non-IID disagreements left out of the agreement count let the
     penalty tighten the bounds until they cost clean ACC. The other disagreements, mostly
@@ -118,17 +138,20 @@ def fidelity_reference(
     everyone = torch.ones(len(fused_logits), dtype=torch.bool)
     if ensemble_logits is None or objective in ("mm-bm", "mmac"):
         return Reference(fused_logits, everyone.float(), everyone, ~everyone)
-    fused_classes = fused_logits.argmax(1)
-    agree = fused_classes == ensemble_logits.argmax(1)
+    fused_classes, ensemble_classes = fused_logits.argmax(1), ensemble_logits.argmax(1)
+    agree = fused_classes == ensemble_classes
     disagree = torch.nonzero(~agree).flatten()
     candidates = one_class_share(disagree, fused_classes, class_gate)
     overruled = ~everyone
     scores = suspicion(overrule_rank, fused_logits, bounded_logits)
     capped = most_suspect(candidates, scores, overrule_cap)
     concentration = top_class_share(capped, fused_classes)
-    if overrule_gate > 0 and not concentration >= overrule_gate:  # nan: nothing capped
+    sources = source_share(capped, fused_classes, ensemble_classes)
+    one_target = concentration >= overrule_gate and not sources > overrule_source_max
+    if overrule_gate > 0 and not one_target:  # nan: nothing capped
         # no sign of a one-target poison: the fused model is trusted everywhere (MM-BM's fit)
-        return Reference(fused_logits, everyone.float(), everyone, ~everyone, 0, concentration)
+        return Reference(fused_logits, everyone.float(), everyone, ~everyone, 0, concentration,
+                         sources)
     overruled[capped] = True
     # the other disagreements: the fused model's own outputs, outside the agreement count
     unsure = torch.where(agree, 1.0, float(unsure_weight))
@@ -145,7 +168,8 @@ def fidelity_reference(
         spared = agree & (fused_classes == gate_class)
         agree, unsure = agree & ~spared, torch.where(spared, float(gate_class_weight), unsure)
     found = {"flips_excused": len(excused), "cap_top_class_share": concentration,
-             "gate_class_spared": int(spared.sum()), "gate_class": gate_class}
+             "cap_source_share": sources, "gate_class_spared": int(spared.sum()),
+             "gate_class": gate_class}
     if objective == "agree":
         return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled,
                          **found)

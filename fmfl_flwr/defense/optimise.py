@@ -100,6 +100,9 @@ class BoundSettings:
     # backdoor's target; a clean D_syn's suspects spread over the classes), else fit
     # MM-BM's reference; 0.5 kept clean ACC within a point (docs/defense.md, stop 18)
     overrule_gate: float = 0.5
+    # < 1: and only if the ensemble's most common class on that class's capped samples holds
+    # at most this share of them (`objectives.source_share`: a backdoor's sources spread)
+    overrule_source_max: float = 0.5
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the ensemble shares; `fidelity_reference`)
     excuse_flips: float = 0.0
@@ -142,6 +145,9 @@ class BoundSettings:
             )
         if not 0.0 <= self.overrule_gate <= 1.0:
             raise ValueError(f"bounds overrule-gate={self.overrule_gate!r} must be in [0, 1]")
+        if not 0.0 <= self.overrule_source_max <= 1.0:
+            raise ValueError(
+                f"bounds overrule-source-max={self.overrule_source_max!r} must be in [0, 1]")
         if self.invert_weight < 0.0:
             raise ValueError(f"bounds invert-weight={self.invert_weight!r} must be >= 0")
         if not 0.0 < self.invert_share <= 1.0:
@@ -383,7 +389,7 @@ def _fit_bounds(
         settings.objective, fused_logits, ensemble_logits, settings.disagree_weight,
         settings.class_gate, settings.overrule_cap, settings.unsure_weight,
         settings.overrule_rank, bounded_logits, settings.excuse_flips, settings.overrule_gate,
-        settings.gate_class_weight,
+        settings.gate_class_weight, settings.overrule_source_max,
     )
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     measured = _agreement_of(bounded_logits.argmax(1), reference, trim, settings.class_gate)
@@ -482,6 +488,7 @@ def _fit_bounds(
         "overruled-agreement": fixed,
         "overruled-share": overruled_share,
         "cap-top-class-share": reference.cap_top_class_share,
+        "cap-source-share": reference.cap_source_share,
         "flips-excused-share": reference.flips_excused / reference_size,
         "gate-class-spared-share": reference.gate_class_spared / reference_size,
         "gate-class": float(reference.gate_class),
