@@ -492,14 +492,15 @@ def test_overrule_gate_overrules_the_cap_only_where_one_class_fills_it() -> None
 
 
 def test_overrule_gate_stays_closed_where_the_ensemble_sees_one_source_class() -> None:
-    """Class 0 fills the cap (0, 1, 2) either way. Where the ensemble sees three classes
-    there (a backdoor stamping every class) the cap is overruled; where it sees one (a
-    clean class the fused model wins over a biased ensemble) the gate stays closed."""
+    """Class 0 fills the cap (0, 1, 2) either way. Where the ensemble sees the three other
+    classes there (a backdoor stamping every class) the cap is overruled; where it sees one
+    (a clean class the fused model wins over a biased ensemble: 3 times an even share of
+    1/3) a test of at most 2 times closes the gate, and no test (0) leaves it open."""
     fused = torch.tensor([[9.0, 0, 0, 0], [8, 0, 0, 0], [7, 0, 0, 0], [0, 5, 0, 0],
                           [0, 0, 5, 0], [0, 0, 0, 5]])
     spread = torch.nn.functional.one_hot(torch.tensor([1, 2, 3, 1, 2, 3]), 4).float()
     biased = torch.nn.functional.one_hot(torch.tensor([1, 1, 1, 1, 2, 3]), 4).float()
-    settings = {"overrule_cap": 0.5, "overrule_gate": 0.5, "overrule_source_max": 0.5}
+    settings = {"overrule_cap": 0.5, "overrule_gate": 0.5, "overrule_source_max": 2.0}
     backdoor = fidelity_reference("ensemble-switch", fused, spread, 3.0, **settings)
     clean = fidelity_reference("ensemble-switch", fused, biased, 3.0, **settings)
     assert backdoor.overruled.tolist() == [True, True, True, False, False, False]
@@ -507,10 +508,10 @@ def test_overrule_gate_stays_closed_where_the_ensemble_sees_one_source_class() -
     assert not clean.overruled.any() and clean.keep.all() and clean.gate_class == -1
     assert clean.cap_top_class_share == 1.0 and clean.cap_source_share == 1.0
     unchecked = fidelity_reference("ensemble-switch", fused, biased, 3.0,
-                                   **{**settings, "overrule_source_max": 1.0})
+                                   **{**settings, "overrule_source_max": 0.0})
     assert torch.equal(unchecked.overruled, backdoor.overruled)
-    with pytest.raises(ValueError, match="overrule-source-max=1.5"):
-        BoundSettings(overrule_source_max=1.5)
+    with pytest.raises(ValueError, match="overrule-source-max=-1"):
+        BoundSettings(overrule_source_max=-1)
 
 
 def test_excused_flips_leave_the_fit_only_when_one_class_holds_them() -> None:

@@ -102,7 +102,7 @@ def fidelity_reference(
     excuse_flips: float = 0.0,
     overrule_gate: float = 0.0,
     gate_class_weight: float = 1.0,
-    overrule_source_max: float = 1.0,
+    overrule_source_max: float = 0.0,
 ) -> Reference:
     """Targets and weights of `objective`; without an ensemble every objective is MM-BM's.
 
@@ -113,9 +113,10 @@ def fidelity_reference(
     a backdoor sends its samples there. With `overrule_gate`, the capped set is overruled
     only if one fused class holds at least that share of it (`top_class_share`): a
     backdoor's poison fills the cap with its target, while a clean non-IID ensemble's most
-    suspect disagreements spread over the classes and are mostly its own errors; and only
-    if the ensemble's classes on that class's capped samples spread, its most common one
-    holding at most `overrule_source_max` of them (`source_share`). Below the
+    suspect disagreements spread over the classes and are mostly its own errors; and, with
+    `overrule_source_max` > 0, only if the ensemble's classes on that class's capped
+    samples spread: its most common one holding at most `overrule_source_max` times the
+    share each of the other classes would hold were they spread evenly (`source_share`). Below the
     gate the fused model is trusted on every sample and counted in `keep`: MM-BM's
     reference, since the non-IID disagreements left out of the agreement count let the
     penalty tighten the bounds until they cost clean ACC. The other disagreements, mostly
@@ -147,7 +148,9 @@ def fidelity_reference(
     capped = most_suspect(candidates, scores, overrule_cap)
     concentration = top_class_share(capped, fused_classes)
     sources = source_share(capped, fused_classes, ensemble_classes)
-    one_target = concentration >= overrule_gate and not sources > overrule_source_max
+    even = 1.0 / max(fused_logits.shape[1] - 1, 1)  # the share of each other class if spread
+    one_source = overrule_source_max > 0 and sources > overrule_source_max * even
+    one_target = concentration >= overrule_gate and not one_source
     if overrule_gate > 0 and not one_target:  # nan: nothing capped
         # no sign of a one-target poison: the fused model is trusted everywhere (MM-BM's fit)
         return Reference(fused_logits, everyone.float(), everyone, ~everyone, 0, concentration,

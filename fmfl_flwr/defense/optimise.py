@@ -100,9 +100,10 @@ class BoundSettings:
     # backdoor's target; a clean D_syn's suspects spread over the classes), else fit
     # MM-BM's reference; 0.5 kept clean ACC within a point (docs/defense.md, stop 18)
     overrule_gate: float = 0.5
-    # < 1: and only if the ensemble's most common class on that class's capped samples holds
-    # at most this share of them (`objectives.source_share`: a backdoor's sources spread)
-    overrule_source_max: float = 0.5
+    # > 0: and only if the ensemble's most common class on that class's capped samples holds
+    # at most this many times an even share of the other classes (`objectives.source_share`:
+    # a backdoor stamps every class); 4.5 is half of them with 10 classes
+    overrule_source_max: float = 4.5
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the ensemble shares; `fidelity_reference`)
     excuse_flips: float = 0.0
@@ -145,9 +146,9 @@ class BoundSettings:
             )
         if not 0.0 <= self.overrule_gate <= 1.0:
             raise ValueError(f"bounds overrule-gate={self.overrule_gate!r} must be in [0, 1]")
-        if not 0.0 <= self.overrule_source_max <= 1.0:
+        if self.overrule_source_max < 0.0:
             raise ValueError(
-                f"bounds overrule-source-max={self.overrule_source_max!r} must be in [0, 1]")
+                f"bounds overrule-source-max={self.overrule_source_max!r} must be >= 0")
         if self.invert_weight < 0.0:
             raise ValueError(f"bounds invert-weight={self.invert_weight!r} must be >= 0")
         if not 0.0 < self.invert_share <= 1.0:
