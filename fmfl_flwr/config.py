@@ -108,8 +108,8 @@ class ExperimentConfig:
     bounds_overrule_gate: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
     # > 0: and only where the client ensemble's classes on that class's capped samples
     # spread (a backdoor's sources), its most common one holding at most this many times
-    # an even share of the other classes
-    bounds_overrule_source_max: float = field(default=4.5, metadata={"min": 0.0})
+    # an even share of the other classes (off: it did not separate them on CIFAR-10)
+    bounds_overrule_source_max: float = field(default=0.0, metadata={"min": 0.0})
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the client ensemble shares)
     bounds_excuse_flips: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
@@ -277,7 +277,6 @@ BEFORE_THE_KEY: dict[str, Any] = {
     "bounds-gate-class-weight": 1.0,  # 43f6497: the gate's class agreements counted
     "distill-unlearn-poison": False,  # 07a267e: on by default since 970d938 (stop 29)
     "bounds-warm-min-agreement": 0.0,  # 51d5fa3: a warm start was never dropped
-    "bounds-overrule-source-max": 0.0,  # stop 38: the gate did not look at the sources
 }
 
 
