@@ -116,8 +116,8 @@ def fidelity_reference(
     suspect disagreements spread over the classes and are mostly its own errors; and, with
     `overrule_source_max` > 0, only if the ensemble's classes on that class's capped
     samples spread: its most common one holding at most `overrule_source_max` times the
-    share each of the other classes would hold were they spread evenly (`source_share`). Below the
-    gate the fused model is trusted on every sample and counted in `keep`: MM-BM's
+    share each of the other classes would hold were they spread evenly (`source_share`).
+    Below the gate the fused model is trusted on every sample and counted in `keep`: MM-BM's
     reference, since the non-IID disagreements left out of the agreement count let the
     penalty tighten the bounds until they cost clean ACC. The other disagreements, mostly
     a weaker non-IID ensemble's errors but also any poisoned sample the cap missed, keep
@@ -153,8 +153,8 @@ def fidelity_reference(
     one_target = concentration >= overrule_gate and not one_source
     if overrule_gate > 0 and not one_target:  # nan: nothing capped
         # no sign of a one-target poison: the fused model is trusted everywhere (MM-BM's fit)
-        return Reference(fused_logits, everyone.float(), everyone, ~everyone, 0, concentration,
-                         sources)
+        return Reference(fused_logits, everyone.float(), everyone, ~everyone,
+                         cap_top_class_share=concentration, cap_source_share=sources)
     overruled[capped] = True
     # the other disagreements: the fused model's own outputs, outside the agreement count
     unsure = torch.where(agree, 1.0, float(unsure_weight))
