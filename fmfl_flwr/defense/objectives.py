@@ -46,6 +46,10 @@ class Reference:
     cap_top_class_share: float = float("nan")
     # of the cap's samples in that class, the share the ensemble's most common class holds
     cap_source_share: float = float("nan")
+    # that share over the ensemble's share of the same class on every sample (its own bias)
+    cap_source_lift: float = float("nan")
+    # the fused model's mean probability of that class on those samples
+    cap_fused_confidence: float = float("nan")
     # agreements in the class the gate names, taken out of `keep` (`gate_class_weight`)
     gate_class_spared: int = 0
     # the fused class that fills the overruled cap once the gate passes (-1: none named)
@@ -60,6 +64,12 @@ def top_class_share(candidates: torch.Tensor, classes: torch.Tensor) -> float:
     return (own == own.mode().values).float().mean().item()
 
 
+def top_class_members(capped: torch.Tensor, fused_classes: torch.Tensor) -> torch.Tensor:
+    """The `capped` samples (indices) in their most common fused class."""
+    own = fused_classes[capped]
+    return capped[own == own.mode().values]
+
+
 def source_share(capped: torch.Tensor, fused_classes: torch.Tensor,
                  ensemble_classes: torch.Tensor) -> float:
     """Of the `capped` samples (indices) in their most common fused class, the share the
@@ -71,8 +81,32 @@ def source_share(capped: torch.Tensor, fused_classes: torch.Tensor,
     """
     if len(capped) == 0:
         return float("nan")
-    own = fused_classes[capped]
-    return top_class_share(capped[own == own.mode().values], ensemble_classes)
+    return top_class_share(top_class_members(capped, fused_classes), ensemble_classes)
+
+
+def source_lift(capped: torch.Tensor, fused_classes: torch.Tensor,
+                ensemble_classes: torch.Tensor) -> float:
+    """`source_share` over the share of every sample the ensemble puts in the same class.
+
+    A weak non-IID ensemble sends much of everything to the classes its clients hold, the
+    poison's stamped sources too, so the raw share cannot tell that bias from a clean class
+    it confuses with one other: the lift divides the bias out (1: the sources look like
+    everything else; nan if nothing is capped).
+    """
+    if len(capped) == 0:
+        return float("nan")
+    sources = ensemble_classes[top_class_members(capped, fused_classes)]
+    top = sources.mode().values
+    return ((sources == top).float().mean() / (ensemble_classes == top).float().mean()).item()
+
+
+def fused_confidence(capped: torch.Tensor, fused_logits: torch.Tensor) -> float:
+    """The fused model's mean probability of its class on the `capped` samples of its most
+    common class there (nan if none): a learnt trigger is a sure shortcut."""
+    if len(capped) == 0:
+        return float("nan")
+    mine = top_class_members(capped, fused_logits.argmax(1))
+    return fused_logits[mine].softmax(1).max(1).values.mean().item()
 
 
 def one_class_share(candidates: torch.Tensor, classes: torch.Tensor, gate: float) -> torch.Tensor:
@@ -148,13 +182,16 @@ def fidelity_reference(
     capped = most_suspect(candidates, scores, overrule_cap)
     concentration = top_class_share(capped, fused_classes)
     sources = source_share(capped, fused_classes, ensemble_classes)
+    diagnostics = {"cap_source_lift": source_lift(capped, fused_classes, ensemble_classes),
+                   "cap_fused_confidence": fused_confidence(capped, fused_logits)}
     even = 1.0 / max(fused_logits.shape[1] - 1, 1)  # the share of each other class if spread
     one_source = overrule_source_max > 0 and sources > overrule_source_max * even
     one_target = concentration >= overrule_gate and not one_source
     if overrule_gate > 0 and not one_target:  # nan: nothing capped
         # no sign of a one-target poison: the fused model is trusted everywhere (MM-BM's fit)
         return Reference(fused_logits, everyone.float(), everyone, ~everyone,
-                         cap_top_class_share=concentration, cap_source_share=sources)
+                         cap_top_class_share=concentration, cap_source_share=sources,
+                         **diagnostics)
     overruled[capped] = True
     # the other disagreements: the fused model's own outputs, outside the agreement count
     unsure = torch.where(agree, 1.0, float(unsure_weight))
@@ -172,7 +209,7 @@ def fidelity_reference(
         agree, unsure = agree & ~spared, torch.where(spared, float(gate_class_weight), unsure)
     found = {"flips_excused": len(excused), "cap_top_class_share": concentration,
              "cap_source_share": sources, "gate_class_spared": int(spared.sum()),
-             "gate_class": gate_class}
+             "gate_class": gate_class, **diagnostics}
     if objective == "agree":
         return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled,
                          **found)

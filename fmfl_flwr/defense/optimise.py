@@ -491,6 +491,8 @@ def _fit_bounds(
         "overruled-share": overruled_share,
         "cap-top-class-share": reference.cap_top_class_share,
         "cap-source-share": reference.cap_source_share,
+        "cap-source-lift": reference.cap_source_lift,
+        "cap-fused-confidence": reference.cap_fused_confidence,
         "flips-excused-share": reference.flips_excused / reference_size,
         "gate-class-spared-share": reference.gate_class_spared / reference_size,
         "gate-class": float(reference.gate_class),
