@@ -69,6 +69,7 @@ def bound_settings(config: ExperimentConfig) -> BoundSettings:
                    overrule_rank=config.bounds_overrule_rank,
                    overrule_gate=config.bounds_overrule_gate,
                    overrule_source_max=config.bounds_overrule_source_max,
+                   overrule_lift_max=config.bounds_overrule_lift_max,
                    excuse_flips=config.bounds_excuse_flips,
                    gate_class_weight=config.bounds_gate_class_weight,
                    unsure_weight=config.bounds_unsure_weight,

@@ -110,6 +110,9 @@ class ExperimentConfig:
     # spread (a backdoor's sources), its most common one holding at most this many times
     # an even share of the other classes (off: it did not separate them on CIFAR-10)
     bounds_overrule_source_max: float = field(default=0.0, metadata={"min": 0.0})
+    # > 0: and only where that share is at most this many times the share of all D_syn the
+    # ensemble puts in the same class (its own bias divided out)
+    bounds_overrule_lift_max: float = field(default=0.0, metadata={"min": 0.0})
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the client ensemble shares)
     bounds_excuse_flips: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})

@@ -84,8 +84,9 @@ def test_bounds_defaults_are_the_defense_library_defaults():
     from fmfl_flwr.defense import BoundSettings
 
     assert bound_settings(ExperimentConfig()) == BoundSettings()
-    chosen = ExperimentConfig(bounds_overrule_source_max=3.0)
+    chosen = ExperimentConfig(bounds_overrule_source_max=3.0, bounds_overrule_lift_max=2.0)
     assert bound_settings(chosen).overrule_source_max == 3.0
+    assert bound_settings(chosen).overrule_lift_max == 2.0
 
 
 def test_empty_fm_means_the_fm_dir_for_the_dataset(monkeypatch, tmp_path):

@@ -105,6 +105,10 @@ class BoundSettings:
     # a backdoor stamps every class). Off: on CIFAR-10 Dirichlet the weak non-IID ensemble
     # gave the poison 4.2 times and clean classes 4.4-8.9 (docs/defense.md, stop 38)
     overrule_source_max: float = 0.0
+    # > 0: and only if that share is at most this many times the share of every sample the
+    # ensemble puts in the same class (`objectives.source_lift`: the poison's sources look
+    # like the rest of D_syn to it, whatever its bias; a clean class it confuses does not)
+    overrule_lift_max: float = 0.0
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the ensemble shares; `fidelity_reference`)
     excuse_flips: float = 0.0
@@ -150,6 +154,9 @@ class BoundSettings:
         if self.overrule_source_max < 0.0:
             raise ValueError(
                 f"bounds overrule-source-max={self.overrule_source_max!r} must be >= 0")
+        if self.overrule_lift_max < 0.0:
+            raise ValueError(
+                f"bounds overrule-lift-max={self.overrule_lift_max!r} must be >= 0")
         if self.invert_weight < 0.0:
             raise ValueError(f"bounds invert-weight={self.invert_weight!r} must be >= 0")
         if not 0.0 < self.invert_share <= 1.0:
@@ -391,7 +398,7 @@ def _fit_bounds(
         settings.objective, fused_logits, ensemble_logits, settings.disagree_weight,
         settings.class_gate, settings.overrule_cap, settings.unsure_weight,
         settings.overrule_rank, bounded_logits, settings.excuse_flips, settings.overrule_gate,
-        settings.gate_class_weight, settings.overrule_source_max,
+        settings.gate_class_weight, settings.overrule_source_max, settings.overrule_lift_max,
     )
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     measured = _agreement_of(bounded_logits.argmax(1), reference, trim, settings.class_gate)
