@@ -113,6 +113,10 @@ class ExperimentConfig:
     # > 0: and only where that share is at most this many times the share of all D_syn the
     # ensemble puts in the same class (its own bias divided out)
     bounds_overrule_lift_max: float = field(default=0.0, metadata={"min": 0.0})
+    # > 0: and only where the fused model's mean probability of that class on those samples
+    # is at least this
+    bounds_overrule_confidence_min: float = field(default=0.0,
+                                                  metadata={"min": 0.0, "max": 1.0})
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the client ensemble shares)
     bounds_excuse_flips: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})

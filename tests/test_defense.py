@@ -495,31 +495,37 @@ def test_source_lift_divides_out_the_ensembles_own_bias() -> None:
     """The cap (0, 1, 2) is fused class 0, which the ensemble sees as 1, 1, 2 both times:
     the same source share of 2/3. Where the ensemble puts 5 of all 8 samples in class 1
     (its bias) the lift is (2/3) / (5/8); where it puts only those two there, (2/3) / (2/8).
-    The fused model's confidence there is its mean top probability on the three. A gate
-    with a lift of at most 2 overrules the first cap and trusts the fused model on the
-    second; 0 tests nothing."""
+    A gate with a lift of at most 2 overrules the first cap and trusts the fused model on
+    the second; 0 tests nothing. The fused model's confidence there is its mean top
+    probability on the three (0.9986): a gate asking 0.99 of it passes, one asking 0.9999
+    closes."""
     cap = [[9.0, 0, 0, 0], [8, 0, 0, 0], [7, 0, 0, 0]]
 
-    def reference(rest: list[int], lift_max: float = 0.0) -> Reference:
+    def reference(rest: list[int], **gate: float) -> Reference:
         fused = torch.tensor(cap + [[5.0 * (k == c) for k in range(4)] for c in rest])
         ensemble = torch.nn.functional.one_hot(torch.tensor([1, 1, 2, *rest]), 4).float()
         return fidelity_reference("ensemble-switch", fused, ensemble, 3.0,
-                                  overrule_cap=3 / 8, overrule_gate=0.5,
-                                  overrule_lift_max=lift_max)
+                                  overrule_cap=3 / 8, overrule_gate=0.5, **gate)
     biased, clean = reference([1, 1, 1, 3, 0]), reference([2, 2, 3, 3, 0])
-    assert clean.overruled[:3].all() and clean.gate_class == 0
-    assert torch.equal(reference([1, 1, 1, 3, 0], 2.0).overruled, biased.overruled)
-    gated = reference([2, 2, 3, 3, 0], 2.0)
-    assert not gated.overruled.any() and gated.keep.all() and gated.gate_class == -1
-    assert gated.cap_source_lift == clean.cap_source_lift
     assert biased.overruled[:3].all() and not biased.overruled[3:].any()
+    assert clean.overruled[:3].all() and clean.gate_class == 0
     assert biased.cap_source_share == clean.cap_source_share == pytest.approx(2 / 3)
     assert biased.cap_source_lift == pytest.approx((2 / 3) / (5 / 8))
     assert clean.cap_source_lift == pytest.approx((2 / 3) / (2 / 8))
+    assert torch.equal(reference([1, 1, 1, 3, 0], overrule_lift_max=2.0).overruled,
+                       biased.overruled)
+    gated = reference([2, 2, 3, 3, 0], overrule_lift_max=2.0)
+    assert not gated.overruled.any() and gated.keep.all() and gated.gate_class == -1
+    assert gated.cap_source_lift == clean.cap_source_lift
     sure = torch.tensor(cap).softmax(1).max(1).values.mean().item()
     assert biased.cap_fused_confidence == clean.cap_fused_confidence == pytest.approx(sure)
+    assert torch.equal(reference([1, 1, 1, 3, 0], overrule_confidence_min=0.99).overruled,
+                       biased.overruled)
+    assert not reference([1, 1, 1, 3, 0], overrule_confidence_min=0.9999).overruled.any()
     with pytest.raises(ValueError, match="overrule-lift-max=-1"):
         BoundSettings(overrule_lift_max=-1)
+    with pytest.raises(ValueError, match="overrule-confidence-min=2"):
+        BoundSettings(overrule_confidence_min=2)
 
 
 def test_overrule_gate_stays_closed_where_the_ensemble_sees_one_source_class() -> None:

@@ -138,6 +138,7 @@ def fidelity_reference(
     gate_class_weight: float = 1.0,
     overrule_source_max: float = 0.0,
     overrule_lift_max: float = 0.0,
+    overrule_confidence_min: float = 0.0,
 ) -> Reference:
     """Targets and weights of `objective`; without an ensemble every objective is MM-BM's.
 
@@ -153,7 +154,9 @@ def fidelity_reference(
     samples spread: its most common one holding at most `overrule_source_max` times the
     share each of the other classes would hold were they spread evenly (`source_share`);
     with `overrule_lift_max` > 0, only if that share is at most that many times the share
-    of all samples the ensemble puts in the same class (`source_lift`).
+    of all samples the ensemble puts in the same class (`source_lift`); with
+    `overrule_confidence_min` > 0, only if the fused model's mean probability of its class
+    on those samples is at least that (`fused_confidence`).
     Below the gate the fused model is trusted on every sample and counted in `keep`: MM-BM's
     reference, since the non-IID disagreements left out of the agreement count let the
     penalty tighten the bounds until they cost clean ACC. The other disagreements, mostly
@@ -186,12 +189,13 @@ def fidelity_reference(
     concentration = top_class_share(capped, fused_classes)
     sources = source_share(capped, fused_classes, ensemble_classes)
     lift = source_lift(capped, fused_classes, ensemble_classes)
-    diagnostics = {"cap_source_lift": lift,
-                   "cap_fused_confidence": fused_confidence(capped, fused_logits)}
+    sure = fused_confidence(capped, fused_logits)
+    diagnostics = {"cap_source_lift": lift, "cap_fused_confidence": sure}
     even = 1.0 / max(fused_logits.shape[1] - 1, 1)  # the share of each other class if spread
-    one_source = (overrule_source_max > 0 and sources > overrule_source_max * even) or \
-        (overrule_lift_max > 0 and lift > overrule_lift_max)
-    one_target = concentration >= overrule_gate and not one_source
+    clean_signs = (overrule_source_max > 0 and sources > overrule_source_max * even,
+                   overrule_lift_max > 0 and lift > overrule_lift_max,
+                   overrule_confidence_min > 0 and sure < overrule_confidence_min)
+    one_target = concentration >= overrule_gate and not any(clean_signs)
     if overrule_gate > 0 and not one_target:  # nan: nothing capped
         # no sign of a one-target poison: the fused model is trusted everywhere (MM-BM's fit)
         return Reference(fused_logits, everyone.float(), everyone, ~everyone,

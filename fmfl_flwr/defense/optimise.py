@@ -109,6 +109,9 @@ class BoundSettings:
     # ensemble puts in the same class (`objectives.source_lift`: the poison's sources look
     # like the rest of D_syn to it, whatever its bias; a clean class it confuses does not)
     overrule_lift_max: float = 0.0
+    # > 0: and only if the fused model's mean probability of that class on those samples is
+    # at least this (`objectives.fused_confidence`: a learnt trigger is a sure shortcut)
+    overrule_confidence_min: float = 0.0
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the ensemble shares; `fidelity_reference`)
     excuse_flips: float = 0.0
@@ -157,6 +160,9 @@ class BoundSettings:
         if self.overrule_lift_max < 0.0:
             raise ValueError(
                 f"bounds overrule-lift-max={self.overrule_lift_max!r} must be >= 0")
+        if not 0.0 <= self.overrule_confidence_min <= 1.0:
+            raise ValueError(f"bounds overrule-confidence-min={self.overrule_confidence_min!r}"
+                             " must be in [0, 1]")
         if self.invert_weight < 0.0:
             raise ValueError(f"bounds invert-weight={self.invert_weight!r} must be >= 0")
         if not 0.0 < self.invert_share <= 1.0:
@@ -399,6 +405,7 @@ def _fit_bounds(
         settings.class_gate, settings.overrule_cap, settings.unsure_weight,
         settings.overrule_rank, bounded_logits, settings.excuse_flips, settings.overrule_gate,
         settings.gate_class_weight, settings.overrule_source_max, settings.overrule_lift_max,
+        settings.overrule_confidence_min,
     )
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     measured = _agreement_of(bounded_logits.argmax(1), reference, trim, settings.class_gate)
