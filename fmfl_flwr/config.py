@@ -111,11 +111,12 @@ class ExperimentConfig:
     # an even share of the other classes (off: it did not separate them on CIFAR-10)
     bounds_overrule_source_max: float = field(default=0.0, metadata={"min": 0.0})
     # > 0: and only where that share is at most this many times the share of all D_syn the
-    # ensemble puts in the same class (its own bias divided out)
+    # ensemble puts in the same class (its own bias divided out; off: it did not separate
+    # them on CIFAR-10)
     bounds_overrule_lift_max: float = field(default=0.0, metadata={"min": 0.0})
     # > 0: and only where the fused model's mean probability of that class on those samples
-    # is at least this
-    bounds_overrule_confidence_min: float = field(default=0.0,
+    # is at least this (a learnt trigger is a sure shortcut; a clean class's are not)
+    bounds_overrule_confidence_min: float = field(default=0.75,
                                                   metadata={"min": 0.0, "max": 1.0})
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the client ensemble shares)
@@ -284,6 +285,7 @@ BEFORE_THE_KEY: dict[str, Any] = {
     "bounds-gate-class-weight": 1.0,  # 43f6497: the gate's class agreements counted
     "distill-unlearn-poison": False,  # 07a267e: on by default since 970d938 (stop 29)
     "bounds-warm-min-agreement": 0.0,  # 51d5fa3: a warm start was never dropped
+    "bounds-overrule-confidence-min": 0.0,  # dfc5888: the gate did not ask it
 }
 
 

@@ -107,11 +107,13 @@ class BoundSettings:
     overrule_source_max: float = 0.0
     # > 0: and only if that share is at most this many times the share of every sample the
     # ensemble puts in the same class (`objectives.source_lift`: the poison's sources look
-    # like the rest of D_syn to it, whatever its bias; a clean class it confuses does not)
+    # like the rest of D_syn to it, whatever its bias). Off: the poison's 1.0-1.7 came
+    # within 0.2 of a clean class's 1.9 on CIFAR-10 (docs/defense.md, stop 39)
     overrule_lift_max: float = 0.0
     # > 0: and only if the fused model's mean probability of that class on those samples is
-    # at least this (`objectives.fused_confidence`: a learnt trigger is a sure shortcut)
-    overrule_confidence_min: float = 0.0
+    # at least this (`objectives.fused_confidence`: a learnt trigger is a sure shortcut).
+    # 0.75: the poison's rounds gave 0.89-0.93, clean classes' 0.49-0.64 (stop 39)
+    overrule_confidence_min: float = 0.75
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the ensemble shares; `fidelity_reference`)
     excuse_flips: float = 0.0
