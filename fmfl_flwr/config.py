@@ -285,7 +285,7 @@ BEFORE_THE_KEY: dict[str, Any] = {
     "bounds-gate-class-weight": 1.0,  # 43f6497: the gate's class agreements counted
     "distill-unlearn-poison": False,  # 07a267e: on by default since 970d938 (stop 29)
     "bounds-warm-min-agreement": 0.0,  # 51d5fa3: a warm start was never dropped
-    "bounds-overrule-confidence-min": 0.0,  # dfc5888: the gate did not ask it
+    "bounds-overrule-confidence-min": 0.0,  # dfc5888, on since 0f20734: the gate did not ask
 }
 
 
