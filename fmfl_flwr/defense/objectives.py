@@ -65,27 +65,25 @@ def top_class_share(candidates: torch.Tensor, classes: torch.Tensor) -> float:
 
 
 def top_class_members(capped: torch.Tensor, fused_classes: torch.Tensor) -> torch.Tensor:
-    """The `capped` samples (indices) in their most common fused class."""
+    """The `capped` samples (indices) in their most common fused class (none if none)."""
+    if len(capped) == 0:
+        return capped
     own = fused_classes[capped]
     return capped[own == own.mode().values]
 
 
-def source_share(capped: torch.Tensor, fused_classes: torch.Tensor,
-                 ensemble_classes: torch.Tensor) -> float:
-    """Of the `capped` samples (indices) in their most common fused class, the share the
+def source_share(members: torch.Tensor, ensemble_classes: torch.Tensor) -> float:
+    """Of the cap's samples in its top fused class (`top_class_members`), the share the
     client ensemble's most common class holds (nan if none).
 
     A one-target backdoor stamps images of every other class, which the clean ensemble
     still sees as those classes, so its classes there spread; a clean class the fused model
     wins over a non-IID ensemble's bias is mistaken for the few classes that bias favours.
     """
-    if len(capped) == 0:
-        return float("nan")
-    return top_class_share(top_class_members(capped, fused_classes), ensemble_classes)
+    return top_class_share(members, ensemble_classes)
 
 
-def source_lift(capped: torch.Tensor, fused_classes: torch.Tensor,
-                ensemble_classes: torch.Tensor) -> float:
+def source_lift(members: torch.Tensor, ensemble_classes: torch.Tensor) -> float:
     """`source_share` over the share of every sample the ensemble puts in the same class.
 
     A weak non-IID ensemble sends much of everything to the classes its clients hold, the
@@ -93,20 +91,19 @@ def source_lift(capped: torch.Tensor, fused_classes: torch.Tensor,
     it confuses with one other: the lift divides the bias out (1: the sources look like
     everything else; nan if nothing is capped).
     """
-    if len(capped) == 0:
+    if len(members) == 0:
         return float("nan")
-    sources = ensemble_classes[top_class_members(capped, fused_classes)]
+    sources = ensemble_classes[members]
     top = sources.mode().values
     return ((sources == top).float().mean() / (ensemble_classes == top).float().mean()).item()
 
 
-def fused_confidence(capped: torch.Tensor, fused_logits: torch.Tensor) -> float:
-    """The fused model's mean probability of its class on the `capped` samples of its most
-    common class there (nan if none): a learnt trigger is a sure shortcut."""
-    if len(capped) == 0:
+def fused_confidence(members: torch.Tensor, fused_logits: torch.Tensor) -> float:
+    """The fused model's mean probability of its class on the cap's samples of its top
+    class (`top_class_members`; nan if none): a learnt trigger is a sure shortcut."""
+    if len(members) == 0:
         return float("nan")
-    mine = top_class_members(capped, fused_logits.argmax(1))
-    return fused_logits[mine].softmax(1).max(1).values.mean().item()
+    return fused_logits[members].softmax(1).max(1).values.mean().item()
 
 
 def one_class_share(candidates: torch.Tensor, classes: torch.Tensor, gate: float) -> torch.Tensor:
@@ -187,9 +184,10 @@ def fidelity_reference(
     scores = suspicion(overrule_rank, fused_logits, bounded_logits)
     capped = most_suspect(candidates, scores, overrule_cap)
     concentration = top_class_share(capped, fused_classes)
-    sources = source_share(capped, fused_classes, ensemble_classes)
-    lift = source_lift(capped, fused_classes, ensemble_classes)
-    sure = fused_confidence(capped, fused_logits)
+    members = top_class_members(capped, fused_classes)  # the named class's, once it passes
+    sources = source_share(members, ensemble_classes)
+    lift = source_lift(members, ensemble_classes)
+    sure = fused_confidence(members, fused_logits)
     diagnostics = {"cap_source_lift": lift, "cap_fused_confidence": sure}
     even = 1.0 / max(fused_logits.shape[1] - 1, 1)  # the share of each other class if spread
     clean_signs = (overrule_source_max > 0 and sources > overrule_source_max * even,
@@ -211,7 +209,7 @@ def fidelity_reference(
         flipped = torch.nonzero(flipped_agreements(agree, fused_logits, bounded_logits)).flatten()
         excused = one_class_share(flipped, fused_classes, excuse_flips)
         agree[excused], unsure[excused] = False, 0.0
-    gate_class = int(fused_classes[capped].mode().values) if len(capped) else -1
+    gate_class = int(fused_classes[members[0]]) if len(members) else -1
     spared = torch.zeros_like(agree)
     if gate_class_weight < 1.0 and len(capped):
         spared = agree & (fused_classes == gate_class)
