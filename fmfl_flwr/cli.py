@@ -55,8 +55,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_extend(args: argparse.Namespace) -> int:
     """Run a finished run on to more rounds, in a new folder; then its result table."""
     try:
+        changes = tomllib.loads("\n".join(args.set))
         run_config, nodes = prepare_extension(args.run_dir, args.rounds, args.out,
-                                              args.num_supernodes, app_defaults())
+                                              args.num_supernodes, app_defaults(), changes)
+    except tomllib.TOMLDecodeError as err:
+        print(f"fmfl extend: --set {args.set}: expected key=value in TOML ({err})",
+              file=sys.stderr)
+        return 2
     except ExtensionError as err:
         print(f"fmfl extend: {err}", file=sys.stderr)
         return 2
@@ -108,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="simulated clients (default: the run's own count)")
     extend.add_argument("--cpus-per-client", type=int, default=1,
                         help="CPU cores reserved per simulated client (Ray)")
+    extend.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a defense key (bounds-*) for the rounds to come, TOML value: "
+                             "--set bounds-overrule-confidence-min=0.75 (repeatable)")
     extend.set_defaults(func=cmd_extend)
     add_fm_commands(sub)
     add_grid_command(sub)

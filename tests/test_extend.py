@@ -1,25 +1,38 @@
 """A finished run's final checkpoint seeds a longer run in a new folder, or a clear error."""
 
+import json
+
 import pytest
 import torch
 
 from fmfl_flwr.checkpoint import FINAL_FILE, load_checkpoint, save_checkpoint
+from fmfl_flwr.cli import app_defaults
 from fmfl_flwr.extend import ExtensionError, prepare_extension
 from strategies.registry import build_aggregation
 
 RUN_CONFIG = {"seed": 1, "num-server-rounds": 3, "output-dir": "/old", "run-name": ""}
 
 
-@pytest.fixture
-def finished(tmp_path):
+def finished_run(tmp_path, run_config):
     """A run folder as a finished 3-round run on 4 nodes leaves it."""
     run_dir = tmp_path / "old" / "fedavg-seed1"
     run_dir.mkdir(parents=True)
     save_checkpoint(run_dir, 3, {"w": torch.ones(2)}, [{"round": r} for r in range(4)],
-                    RUN_CONFIG, build_aggregation("fedavg"), num_nodes=4)
+                    run_config, build_aggregation("fedavg"), num_nodes=4)
     (run_dir / "checkpoint.pt").replace(run_dir / FINAL_FILE)
     (run_dir / "summary.json").write_text("{}")
     return run_dir
+
+
+@pytest.fixture
+def finished(tmp_path):
+    return finished_run(tmp_path, RUN_CONFIG)
+
+
+@pytest.fixture
+def finished_now(tmp_path):
+    """A finished run of this version: every key of the app's run config recorded."""
+    return finished_run(tmp_path, {**app_defaults(), **RUN_CONFIG})
 
 
 def test_the_new_folder_resumes_after_the_last_round_with_more_rounds(finished, tmp_path):
@@ -77,3 +90,32 @@ def test_a_checkpoint_without_a_node_count_needs_one(tmp_path):
     with pytest.raises(ExtensionError, match="give --num-supernodes"):
         prepare_extension(run_dir, 2, tmp_path / "new")
     assert prepare_extension(run_dir, 2, tmp_path / "new", 3)[1] == 3
+
+
+def test_a_defense_key_changes_for_the_rounds_to_come_and_the_change_is_recorded(finished_now,
+                                                                               tmp_path):
+    defaults = app_defaults()
+    run_config, _ = prepare_extension(finished_now, 5, tmp_path / "new", defaults=defaults,
+                                      changes={"bounds-overrule-confidence-min": 0.9})
+    assert run_config["bounds-overrule-confidence-min"] == 0.9
+    run_dir = tmp_path / "new" / "fedavg-seed1"
+    assert load_checkpoint(run_dir, run_config)["run_config"] == run_config
+    record = json.loads((run_dir / "extension.json").read_text())
+    assert record["after-round"] == 3
+    assert record["changed"] == {"bounds-overrule-confidence-min": {
+        "was": defaults["bounds-overrule-confidence-min"], "now": 0.9}}
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"seed": 2}, "--set seed: an extension may change only"),
+    ({"bounds-granularity": "unit"}, "--set bounds-granularity"),
+    ({"bounds-no-such-knob": 1}, "--set bounds-no-such-knob"),
+    ({"bounds-overrule-confidence-min": 1.5}, "confidence"),
+])
+def test_other_keys_and_bad_values_are_refused_before_anything_is_written(finished_now,
+                                                                          tmp_path, changes,
+                                                                          message):
+    with pytest.raises(ExtensionError, match=message):
+        prepare_extension(finished_now, 5, tmp_path / "new", defaults=app_defaults(),
+                          changes=changes)
+    assert not (tmp_path / "new").exists()
