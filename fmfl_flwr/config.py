@@ -118,6 +118,9 @@ class ExperimentConfig:
     # is at least this (a learnt trigger is a sure shortcut; a clean class's are not)
     bounds_overrule_confidence_min: float = field(default=0.75,
                                                   metadata={"min": 0.0, "max": 1.0})
+    # > 0: the last round whose gate may name a new target (D_syn's poison is there from
+    # round 1; later, only the named class passes); 0: every round
+    bounds_overrule_gate_rounds: int = field(default=1, metadata={"min": 0})
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the client ensemble shares)
     bounds_excuse_flips: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
@@ -286,6 +289,7 @@ BEFORE_THE_KEY: dict[str, Any] = {
     "distill-unlearn-poison": False,  # 07a267e: on by default since 970d938 (stop 29)
     "bounds-warm-min-agreement": 0.0,  # 51d5fa3: a warm start was never dropped
     "bounds-overrule-confidence-min": 0.0,  # dfc5888, on since 0f20734: the gate did not ask
+    "bounds-overrule-gate-rounds": 0,  # stop 40: any round's gate could name a new target
 }
 
 

@@ -981,6 +981,35 @@ def test_a_forced_round_s_cap_names_no_target() -> None:
     assert step.named_target == 7
 
 
+def test_past_its_rounds_the_gate_names_no_new_target() -> None:
+    """Up to `overrule_gate_rounds` any class may be named; later only the one already
+    named, and none if none was. A cap filled by fused class 0 passes where 0 may be
+    named and closes (MM-BM's reference) where it may not, still reporting its class."""
+    step = BoundsStep(tiny, torch.zeros(1, 1), torch.zeros(1), BoundSettings())
+    assert step.settings.overrule_gate_rounds == 1
+    assert step.nameable_classes(1) is None and step.nameable_classes(6) == ()
+    step.history = [{"gate-class": 0.0, "cap-top-class-share": 0.7, "overruled-share": 0.2}]
+    assert step.nameable_classes(6) == (0,)
+    every_round = BoundsStep(tiny, torch.zeros(1, 1), torch.zeros(1),
+                             BoundSettings(overrule_gate_rounds=0))
+    assert every_round.nameable_classes(6) is None
+    fused = torch.tensor([[9.0, 0, 0], [8, 0, 0], [0, 5, 0], [0, 0, 5]])
+    ensemble = torch.nn.functional.one_hot(torch.tensor([1, 2, 1, 2]), 3).float()
+
+    def reference(gate_classes: tuple[int, ...] | None) -> Reference:
+        return fidelity_reference("ensemble-switch", fused, ensemble, 3.0, overrule_cap=0.5,
+                                  overrule_gate=0.5, gate_classes=gate_classes)
+    for named in (None, (0,)):
+        passed = reference(named)
+        assert passed.overruled.tolist() == [True, True, False, False]
+        assert passed.gate_class == passed.cap_top_class == 0
+    for closed in (reference(()), reference((2,))):
+        assert not closed.overruled.any() and closed.keep.all()
+        assert closed.gate_class == -1 and closed.cap_top_class == 0
+    with pytest.raises(ValueError, match="overrule-gate-rounds=-1"):
+        BoundSettings(overrule_gate_rounds=-1)
+
+
 def test_after_unlearning_the_fit_trusts_or_overrules_by_what_the_gate_saw() -> None:
     settings = BoundSettings(overrule_gate=0.5)
     assert settings_after_unlearning(settings, 0.0, 0.15) == settings

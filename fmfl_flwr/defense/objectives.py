@@ -50,6 +50,8 @@ class Reference:
     cap_source_lift: float = float("nan")
     # the fused model's mean probability of that class on those samples
     cap_fused_confidence: float = float("nan")
+    # that class (-1: nothing capped), named or not
+    cap_top_class: int = -1
     # agreements in the class the gate names, taken out of `keep` (`gate_class_weight`)
     gate_class_spared: int = 0
     # the fused class that fills the overruled cap once the gate passes (-1: none named)
@@ -136,6 +138,7 @@ def fidelity_reference(
     overrule_source_max: float = 0.0,
     overrule_lift_max: float = 0.0,
     overrule_confidence_min: float = 0.0,
+    gate_classes: tuple[int, ...] | None = None,
 ) -> Reference:
     """Targets and weights of `objective`; without an ensemble every objective is MM-BM's.
 
@@ -153,7 +156,8 @@ def fidelity_reference(
     with `overrule_lift_max` > 0, only if that share is at most that many times the share
     of all samples the ensemble puts in the same class (`source_lift`); with
     `overrule_confidence_min` > 0, only if the fused model's mean probability of its class
-    on those samples is at least that (`fused_confidence`).
+    on those samples is at least that (`fused_confidence`); with `gate_classes`, only if
+    that class is one of them (None: any class may be named).
     Below the gate the fused model is trusted on every sample and counted in `keep`: MM-BM's
     reference, since the non-IID disagreements left out of the agreement count let the
     penalty tighten the bounds until they cost clean ACC. The other disagreements, mostly
@@ -188,11 +192,14 @@ def fidelity_reference(
     sources = source_share(members, ensemble_classes)
     lift = source_lift(members, ensemble_classes)
     sure = fused_confidence(members, fused_logits)
-    diagnostics = {"cap_source_lift": lift, "cap_fused_confidence": sure}
+    top_class = int(fused_classes[members[0]]) if len(members) else -1
+    diagnostics = {"cap_source_lift": lift, "cap_fused_confidence": sure,
+                   "cap_top_class": top_class}
     even = 1.0 / max(fused_logits.shape[1] - 1, 1)  # the share of each other class if spread
     clean_signs = (overrule_source_max > 0 and sources > overrule_source_max * even,
                    overrule_lift_max > 0 and lift > overrule_lift_max,
-                   overrule_confidence_min > 0 and sure < overrule_confidence_min)
+                   overrule_confidence_min > 0 and sure < overrule_confidence_min,
+                   gate_classes is not None and top_class not in gate_classes)
     one_target = concentration >= overrule_gate and not any(clean_signs)
     if overrule_gate > 0 and not one_target:  # nan: nothing capped
         # no sign of a one-target poison: the fused model is trusted everywhere (MM-BM's fit)
@@ -209,14 +216,13 @@ def fidelity_reference(
         flipped = torch.nonzero(flipped_agreements(agree, fused_logits, bounded_logits)).flatten()
         excused = one_class_share(flipped, fused_classes, excuse_flips)
         agree[excused], unsure[excused] = False, 0.0
-    gate_class = int(fused_classes[members[0]]) if len(members) else -1
     spared = torch.zeros_like(agree)
     if gate_class_weight < 1.0 and len(capped):
-        spared = agree & (fused_classes == gate_class)
+        spared = agree & (fused_classes == top_class)
         agree, unsure = agree & ~spared, torch.where(spared, float(gate_class_weight), unsure)
     found = {"flips_excused": len(excused), "cap_top_class_share": concentration,
              "cap_source_share": sources, "gate_class_spared": int(spared.sum()),
-             "gate_class": gate_class, **diagnostics}
+             "gate_class": top_class, **diagnostics}
     if objective == "agree":
         return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled,
                          **found)

@@ -114,6 +114,14 @@ class BoundSettings:
     # at least this (`objectives.fused_confidence`: a learnt trigger is a sure shortcut).
     # 0.75: the poison's rounds gave 0.89-0.93, clean classes' 0.49-0.64 (stop 39)
     overrule_confidence_min: float = 0.75
+    # > 0: the last round in which the gate may name a new target; later gates pass only
+    # for the class already named. D_syn and its poison are fixed before round 1, whose fit
+    # named the target in every attacked run; clean classes filled the cap in rounds 3 and
+    # 6, as the fused model outgrew its non-IID clients (docs/defense.md, stop 40)
+    overrule_gate_rounds: int = 1
+    # the classes this round's gate may name (None: any); `BoundsStep` sets it from
+    # `overrule_gate_rounds` and the target already named
+    gate_classes: tuple[int, ...] | None = None
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the ensemble shares; `fidelity_reference`)
     excuse_flips: float = 0.0
@@ -165,6 +173,9 @@ class BoundSettings:
         if not 0.0 <= self.overrule_confidence_min <= 1.0:
             raise ValueError(f"bounds overrule-confidence-min={self.overrule_confidence_min!r}"
                              " must be in [0, 1]")
+        if self.overrule_gate_rounds < 0:
+            raise ValueError(
+                f"bounds overrule-gate-rounds={self.overrule_gate_rounds!r} must be >= 0")
         if self.invert_weight < 0.0:
             raise ValueError(f"bounds invert-weight={self.invert_weight!r} must be >= 0")
         if not 0.0 < self.invert_share <= 1.0:
@@ -407,7 +418,7 @@ def _fit_bounds(
         settings.class_gate, settings.overrule_cap, settings.unsure_weight,
         settings.overrule_rank, bounded_logits, settings.excuse_flips, settings.overrule_gate,
         settings.gate_class_weight, settings.overrule_source_max, settings.overrule_lift_max,
-        settings.overrule_confidence_min,
+        settings.overrule_confidence_min, settings.gate_classes,
     )
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     measured = _agreement_of(bounded_logits.argmax(1), reference, trim, settings.class_gate)
@@ -509,6 +520,7 @@ def _fit_bounds(
         "cap-source-share": reference.cap_source_share,
         "cap-source-lift": reference.cap_source_lift,
         "cap-fused-confidence": reference.cap_fused_confidence,
+        "cap-top-class": float(reference.cap_top_class),
         "flips-excused-share": reference.flips_excused / reference_size,
         "gate-class-spared-share": reference.gate_class_spared / reference_size,
         "gate-class": float(reference.gate_class),
