@@ -115,7 +115,7 @@ class ExperimentConfig:
     # them on CIFAR-10)
     bounds_overrule_lift_max: float = field(default=0.0, metadata={"min": 0.0})
     # > 0: and only where the fused model's mean probability of that class on those samples
-    # is at least this (a learnt trigger is a sure shortcut; a clean class's are not)
+    # is at least this (a learnt trigger is a sure shortcut; a clean class's reach it late)
     bounds_overrule_confidence_min: float = field(default=0.75,
                                                   metadata={"min": 0.0, "max": 1.0})
     # > 0: the last round whose gate may name a new target (D_syn's poison is there from

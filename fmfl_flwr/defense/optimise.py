@@ -112,7 +112,8 @@ class BoundSettings:
     overrule_lift_max: float = 0.0
     # > 0: and only if the fused model's mean probability of that class on those samples is
     # at least this (`objectives.fused_confidence`: a learnt trigger is a sure shortcut).
-    # 0.75: the poison's rounds gave 0.89-0.93, clean classes' 0.49-0.64 (stop 39)
+    # 0.75: the poison's rounds gave 0.89-0.93, clean classes' 0.49-0.64 in rounds 1-3
+    # (stop 39) but 0.83-0.87 by rounds 6-8 (stop 40): `overrule_gate_rounds` keeps those out
     overrule_confidence_min: float = 0.75
     # > 0: the last round in which the gate may name a new target; later gates pass only
     # for the class already named. D_syn and its poison are fixed before round 1, whose fit
