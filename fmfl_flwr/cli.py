@@ -12,7 +12,7 @@ from fmfl_flwr.app_config import parse_app_config
 from fmfl_flwr.cli_fm import add_fm_commands
 from fmfl_flwr.config import ConfigError
 from fmfl_flwr.extend import ExtensionError, prepare_extension
-from fmfl_flwr.grid import add_grid_command
+from fmfl_flwr.grid import add_grid_command, parse_set
 from fmfl_flwr.launch import APP_DIR, run_simulation
 from fmfl_flwr.report import add_report_command
 from fmfl_flwr.results import resolve_output_dir
@@ -54,14 +54,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_extend(args: argparse.Namespace) -> int:
     """Run a finished run on to more rounds, in a new folder; then its result table."""
+    changes = parse_set(args.set)  # a ConfigError: main reports it, nothing written
     try:
-        changes = tomllib.loads("\n".join(args.set))
         run_config, nodes = prepare_extension(args.run_dir, args.rounds, args.out,
                                               args.num_supernodes, app_defaults(), changes)
-    except tomllib.TOMLDecodeError as err:
-        print(f"fmfl extend: --set {args.set}: expected key=value in TOML ({err})",
-              file=sys.stderr)
-        return 2
     except ExtensionError as err:
         print(f"fmfl extend: {err}", file=sys.stderr)
         return 2

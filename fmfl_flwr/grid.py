@@ -334,13 +334,17 @@ def default_out(source: Path) -> Path:
     return resolve_output_dir("") / Path(source).stem
 
 
+def parse_set(values: list[str]) -> dict[str, Any]:
+    """Repeated `--set KEY=VALUE` options (TOML values, as in flwr run --run-config)."""
+    try:
+        return tomllib.loads("\n".join(values))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"--set {values}: expected key=value in TOML ({err})") from err
+
+
 def cmd_grid(args: argparse.Namespace) -> int:
     """Run every cell of a grid file as one Flower simulation; finished cells are skipped."""
-    try:
-        overrides = tomllib.loads("\n".join(args.set))
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"--set {args.set}: expected key=value in TOML ({err})") from err
-    spec = load_grid(Path(args.file), overrides)
+    spec = load_grid(Path(args.file), parse_set(args.set))
     out = Path(args.out).resolve() if args.out else default_out(spec.source)
     cells = [c for c in spec.cells if not args.only
              or any(fnmatch.fnmatchcase(c.name, pattern) for pattern in args.only)]

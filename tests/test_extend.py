@@ -119,3 +119,14 @@ def test_other_keys_and_bad_values_are_refused_before_anything_is_written(finish
         prepare_extension(finished_now, 5, tmp_path / "new", defaults=app_defaults(),
                           changes=changes)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_set_option_that_is_not_toml_is_refused_before_anything_is_written(finished, tmp_path,
+                                                                             capsys):
+    from fmfl_flwr.cli import main
+
+    out = tmp_path / "new"
+    assert main(["extend", str(finished), "--rounds", "5", "--out", str(out),
+                 "--set", "bounds-overrule-gate-rounds="]) == 2
+    assert "expected key=value in TOML" in capsys.readouterr().err
+    assert not out.exists()
