@@ -66,6 +66,7 @@ def bound_settings(config: ExperimentConfig) -> BoundSettings:
                    trim=config.bounds_trim,
                    class_gate=config.bounds_class_gate,
                    overrule_cap=config.bounds_overrule_cap,
+                   overrule_cap_halvings=config.bounds_overrule_cap_halvings,
                    overrule_rank=config.bounds_overrule_rank,
                    overrule_gate=config.bounds_overrule_gate,
                    overrule_source_max=config.bounds_overrule_source_max,

@@ -99,6 +99,9 @@ class ExperimentConfig:
     bounds_class_gate: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     # later rounds: the ensemble overrules the fused model on at most this share of D_syn
     bounds_overrule_cap: float = field(default=0.2, metadata={"min_exclusive": 0.0, "max": 1.0})
+    # > 0: where no class fills the cap, the gate tries it halved up to this many times (a
+    # poison under half the cap tops the suspicion rank without filling it)
+    bounds_overrule_cap_halvings: int = field(default=0, metadata={"min": 0})
     # which disagreements the cap keeps: the fused model's confidence (+ its drop under
     # last round's bounds)
     bounds_overrule_rank: str = field(default="confidence-drop",

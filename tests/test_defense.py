@@ -491,6 +491,33 @@ def test_overrule_gate_overrules_the_cap_only_where_one_class_fills_it() -> None
         BoundSettings(overrule_gate=1.5)
 
 
+def test_halved_caps_find_a_poison_too_small_to_fill_the_cap() -> None:
+    """The cap keeps the 4 most confident disagreements (0-3), of which fused class 0 holds
+    2: under a gate of 0.6. One halving keeps 0 and 1, all class 0: the gate passes there
+    and overrules only them. A gate the whole cap passes keeps the whole cap. Where the
+    halved cap is no more one class's (1 in class 1), the gate stays closed and reports
+    the widest cap."""
+    fused = torch.tensor([[9.0, 0, 0], [8, 0, 0], [0, 7, 0], [0, 0, 6],
+                          [0, 5, 0], [5, 0, 0], [0, 0, 5], [0, 5, 0]])
+    ensemble = torch.nn.functional.one_hot(torch.tensor([1, 2, 0, 1, 1, 0, 2, 1]), 3).float()
+
+    def reference(logits: torch.Tensor, gate: float, halvings: int) -> Reference:
+        return fidelity_reference("ensemble-switch", logits, ensemble, 3.0, overrule_cap=0.5,
+                                  overrule_gate=gate, overrule_cap_halvings=halvings)
+    assert not reference(fused, 0.6, 0).overruled.any()
+    halved = reference(fused, 0.6, 1)
+    assert halved.overruled.tolist() == [True, True] + [False] * 6
+    assert halved.gate_class == 0 and halved.cap_top_class_share == 1.0
+    assert reference(fused, 0.5, 1).overruled.tolist() == [True] * 4 + [False] * 4
+    spread = fused.clone()
+    spread[1] = torch.tensor([0.0, 8, 0])
+    closed = reference(spread, 0.6, 1)
+    assert not closed.overruled.any() and closed.gate_class == -1
+    assert closed.cap_top_class_share == 0.5 and closed.cap_top_class == 1
+    with pytest.raises(ValueError, match="overrule-cap-halvings=-1"):
+        BoundSettings(overrule_cap_halvings=-1)
+
+
 def test_source_lift_divides_out_the_ensembles_own_bias() -> None:
     """The cap (0, 1, 2) is fused class 0, which the ensemble sees as 1, 1, 2 both times:
     the same source share of 2/3. Where the ensemble puts 5 of all 8 samples in class 1

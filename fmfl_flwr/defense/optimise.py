@@ -94,6 +94,10 @@ class BoundSettings:
     # later rounds: the ensemble overrules the fused model on at most this share of the
     # reference, the most suspect disagreements (`overrule_rank`); 1 overrules them all
     overrule_cap: float = 0.2
+    # > 0: where no class holds `overrule_gate` of the capped set, the gate tries the cap
+    # halved up to this many times (`objectives.gated_cap`): a poison under half the cap
+    # cannot fill it (5% of D_syn held 27% of the 20% cap, stop 41) but tops the rank
+    overrule_cap_halvings: int = 0
     # which disagreements the cap keeps (`objectives.suspicion`)
     overrule_rank: str = "confidence-drop"
     # > 0: overrule the capped set only if one fused class holds >= this share of it (a
@@ -157,6 +161,9 @@ class BoundSettings:
             raise ValueError(f"bounds unsure-weight={self.unsure_weight!r} must be >= 0")
         if not 0.0 < self.overrule_cap <= 1.0:
             raise ValueError(f"bounds overrule-cap={self.overrule_cap!r} must be in (0, 1]")
+        if self.overrule_cap_halvings < 0:
+            raise ValueError(
+                f"bounds overrule-cap-halvings={self.overrule_cap_halvings!r} must be >= 0")
         if not 0.0 <= self.excuse_flips <= 1.0:
             raise ValueError(f"bounds excuse-flips={self.excuse_flips!r} must be in [0, 1]")
         if not 0.0 <= self.gate_class_weight <= 1.0:
@@ -419,7 +426,7 @@ def _fit_bounds(
         settings.class_gate, settings.overrule_cap, settings.unsure_weight,
         settings.overrule_rank, bounded_logits, settings.excuse_flips, settings.overrule_gate,
         settings.gate_class_weight, settings.overrule_source_max, settings.overrule_lift_max,
-        settings.overrule_confidence_min, settings.gate_classes,
+        settings.overrule_confidence_min, settings.gate_classes, settings.overrule_cap_halvings,
     )
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     measured = _agreement_of(bounded_logits.argmax(1), reference, trim, settings.class_gate)
