@@ -508,12 +508,14 @@ def test_halved_caps_find_a_poison_too_small_to_fill_the_cap() -> None:
     halved = reference(fused, 0.6, 1)
     assert halved.overruled.tolist() == [True, True] + [False] * 6
     assert halved.gate_class == 0 and halved.cap_top_class_share == 1.0
+    assert halved.capped_share == 0.25
     assert reference(fused, 0.5, 1).overruled.tolist() == [True] * 4 + [False] * 4
     spread = fused.clone()
     spread[1] = torch.tensor([0.0, 8, 0])
     closed = reference(spread, 0.6, 1)
     assert not closed.overruled.any() and closed.gate_class == -1
     assert closed.cap_top_class_share == 0.5 and closed.cap_top_class == 1
+    assert closed.capped_share == 0.5
     with pytest.raises(ValueError, match="overrule-cap-halvings=-1"):
         BoundSettings(overrule_cap_halvings=-1)
 

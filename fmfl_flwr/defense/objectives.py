@@ -42,6 +42,8 @@ class Reference:
     keep: torch.Tensor
     overruled: torch.Tensor
     flips_excused: int = 0
+    # the share of the samples in the capped set the gate tested (`gated_cap`)
+    capped_share: float = float("nan")
     # how much of the capped disagreements one fused class holds (what the gate tests)
     cap_top_class_share: float = float("nan")
     # of the cap's samples in that class, the share the ensemble's most common class holds
@@ -213,7 +215,7 @@ def fidelity_reference(
     sure = fused_confidence(members, fused_logits)
     top_class = int(fused_classes[members[0]]) if len(members) else -1
     diagnostics = {"cap_source_lift": lift, "cap_fused_confidence": sure,
-                   "cap_top_class": top_class}
+                   "cap_top_class": top_class, "capped_share": len(capped) / len(fused_logits)}
     even = 1.0 / max(fused_logits.shape[1] - 1, 1)  # the share of each other class if spread
     clean_signs = (overrule_source_max > 0 and sources > overrule_source_max * even,
                    overrule_lift_max > 0 and lift > overrule_lift_max,

@@ -524,6 +524,7 @@ def _fit_bounds(
         "collapses": float(collapses),
         "overruled-agreement": fixed,
         "overruled-share": overruled_share,
+        "capped-share": reference.capped_share,
         "cap-top-class-share": reference.cap_top_class_share,
         "cap-source-share": reference.cap_source_share,
         "cap-source-lift": reference.cap_source_lift,
