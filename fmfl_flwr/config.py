@@ -101,7 +101,7 @@ class ExperimentConfig:
     bounds_overrule_cap: float = field(default=0.2, metadata={"min_exclusive": 0.0, "max": 1.0})
     # > 0: where no class fills the cap, the gate tries it halved up to this many times (a
     # poison under half the cap tops the suspicion rank without filling it)
-    bounds_overrule_cap_halvings: int = field(default=0, metadata={"min": 0})
+    bounds_overrule_cap_halvings: int = field(default=2, metadata={"min": 0})
     # which disagreements the cap keeps: the fused model's confidence (+ its drop under
     # last round's bounds)
     bounds_overrule_rank: str = field(default="confidence-drop",
@@ -293,6 +293,7 @@ BEFORE_THE_KEY: dict[str, Any] = {
     "bounds-warm-min-agreement": 0.0,  # 51d5fa3: a warm start was never dropped
     "bounds-overrule-confidence-min": 0.0,  # dfc5888, on since 0f20734: the gate did not ask
     "bounds-overrule-gate-rounds": 0,  # stop 40: any round's gate could name a new target
+    "bounds-overrule-cap-halvings": 0,  # stop 41: the gate tested the whole cap alone
 }
 
 

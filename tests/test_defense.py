@@ -493,10 +493,11 @@ def test_overrule_gate_overrules_the_cap_only_where_one_class_fills_it() -> None
 
 def test_halved_caps_find_a_poison_too_small_to_fill_the_cap() -> None:
     """The cap keeps the 4 most confident disagreements (0-3), of which fused class 0 holds
-    2: under a gate of 0.6. One halving keeps 0 and 1, all class 0: the gate passes there
-    and overrules only them. A gate the whole cap passes keeps the whole cap. Where the
-    halved cap is no more one class's (1 in class 1), the gate stays closed and reports
-    the widest cap."""
+    2: under a gate of 0.6. One halving keeps 0 and 1, all class 0, twice its share of the
+    cap: the gate passes there and overrules only them. A gate the whole cap passes keeps
+    the whole cap. Where the halved cap is no more one class's (1 in class 1), the gate
+    stays closed and reports the widest cap. Where class 0 holds 3 of the 4, under a gate
+    of 0.8, the halved cap is all class 0 but only 4/3 of its share of the cap: closed."""
     fused = torch.tensor([[9.0, 0, 0], [8, 0, 0], [0, 7, 0], [0, 0, 6],
                           [0, 5, 0], [5, 0, 0], [0, 0, 5], [0, 5, 0]])
     ensemble = torch.nn.functional.one_hot(torch.tensor([1, 2, 0, 1, 1, 0, 2, 1]), 3).float()
@@ -508,7 +509,7 @@ def test_halved_caps_find_a_poison_too_small_to_fill_the_cap() -> None:
     halved = reference(fused, 0.6, 1)
     assert halved.overruled.tolist() == [True, True] + [False] * 6
     assert halved.gate_class == 0 and halved.cap_top_class_share == 1.0
-    assert halved.capped_share == 0.25
+    assert halved.capped_share == 0.25 and halved.cap_rise == 2.0
     assert reference(fused, 0.5, 1).overruled.tolist() == [True] * 4 + [False] * 4
     spread = fused.clone()
     spread[1] = torch.tensor([0.0, 8, 0])
@@ -516,6 +517,12 @@ def test_halved_caps_find_a_poison_too_small_to_fill_the_cap() -> None:
     assert not closed.overruled.any() and closed.gate_class == -1
     assert closed.cap_top_class_share == 0.5 and closed.cap_top_class == 1
     assert closed.capped_share == 0.5
+    spread_down = fused.clone()
+    spread_down[3] = torch.tensor([6.0, 0, 0])
+    level = reference(spread_down, 0.8, 1)
+    assert not level.overruled.any() and level.gate_class == -1
+    assert level.cap_top_class_share == 1.0 and level.capped_share == 0.25
+    assert level.cap_rise == pytest.approx(4 / 3)
     with pytest.raises(ValueError, match="overrule-cap-halvings=-1"):
         BoundSettings(overrule_cap_halvings=-1)
 

@@ -96,8 +96,9 @@ class BoundSettings:
     overrule_cap: float = 0.2
     # > 0: where no class holds `overrule_gate` of the capped set, the gate tries the cap
     # halved up to this many times (`objectives.gated_cap`): a poison under half the cap
-    # cannot fill it (5% of D_syn held 27% of the 20% cap, stop 41) but tops the rank
-    overrule_cap_halvings: int = 0
+    # cannot fill it (5% of D_syn held 27% of the 20% cap, stop 41) but tops the rank; 2
+    # finds a poison down to half the 5% cap, and closed on every clean round 1 measured
+    overrule_cap_halvings: int = 2
     # which disagreements the cap keeps (`objectives.suspicion`)
     overrule_rank: str = "confidence-drop"
     # > 0: overrule the capped set only if one fused class holds >= this share of it (a
@@ -526,6 +527,7 @@ def _fit_bounds(
         "overruled-share": overruled_share,
         "capped-share": reference.capped_share,
         "cap-top-class-share": reference.cap_top_class_share,
+        "cap-rise": reference.cap_rise,
         "cap-source-share": reference.cap_source_share,
         "cap-source-lift": reference.cap_source_lift,
         "cap-fused-confidence": reference.cap_fused_confidence,
