@@ -46,7 +46,7 @@ class Reference:
     capped_share: float = float("nan")
     # how much of the capped disagreements one fused class holds (what the gate tests)
     cap_top_class_share: float = float("nan")
-    # that share over the class's share of the whole cap (1 there; `gated_cap`)
+    # that share over the class's share of the whole cap (1 there; `cap_rise`)
     cap_rise: float = float("nan")
     # of the cap's samples in that class, the share the ensemble's most common class holds
     cap_source_share: float = float("nan")
@@ -70,36 +70,26 @@ def top_class_share(candidates: torch.Tensor, classes: torch.Tensor) -> float:
     return (own == own.mode().values).float().mean().item()
 
 
-# a class whose capped samples all lie in a halved cap holds there twice its share of the cap
-HALVED_CAP_RISE = 2.0
-
-
 def gated_cap(candidates: torch.Tensor, scores: torch.Tensor, fused_classes: torch.Tensor,
-              cap: float, halvings: int, gate: float) -> tuple[torch.Tensor, float, bool]:
-    """The capped set the overrule gate tests, its class's rise (`cap_rise`) and whether it
-    passes: the most suspect `candidates` at the widest of `cap` and its first `halvings`
-    halvings in which one fused class holds `gate` of them, a halved cap only where that
-    class also holds `HALVED_CAP_RISE` times its share of the whole cap; else, failing,
-    the one in which a class holds the most (the widest on ties).
+              cap: float, halvings: int, gate: float) -> torch.Tensor:
+    """The capped set the overrule gate tests: the most suspect `candidates` at the widest of
+    `cap` and its first `halvings` halvings in which one fused class holds `gate` of them,
+    else the one in which a class holds the most (the widest on ties).
 
-    A poison under half the cap cannot fill it: 5% of D_syn held 27% of the 20% cap on
-    Fashion-MNIST (stop 41). It tops the suspicion rank, so its share grows as the cap
-    narrows, while a clean class's disputed samples spread down the rank and keep theirs
-    (CIFAR-10 Dirichlet, no attack: 56% of a halved cap, stop 41). A poison that fills
-    the cap is found at the cap itself, so halvings change no gate that passed without."""
+    A poison under half the cap cannot fill it, however high it ranks: 5% of D_syn held
+    27% of the 20% cap on Fashion-MNIST (stop 41). A poison that fills the cap is found
+    at the cap itself, so halvings change no gate that passed without them."""
     caps = [most_suspect(candidates, scores, cap / 2**step) for step in range(halvings + 1)]
-    shares = [top_class_share(c, fused_classes) for c in caps]
-    rises = [cap_rise(c, caps[0], fused_classes) for c in caps]
-    for capped, share, rise in zip(caps, shares, rises, strict=True):
-        if share >= gate and (len(capped) == len(caps[0]) or rise >= HALVED_CAP_RISE):
-            return capped, rise, True
-    best = int(torch.tensor(shares).nan_to_num(-1.0).argmax())
-    return caps[best], rises[best], False
+    shares = torch.tensor([top_class_share(c, fused_classes) for c in caps]).nan_to_num(-1.0)
+    passing = torch.nonzero(shares >= gate).flatten()
+    return caps[int(passing[0]) if len(passing) else int(shares.argmax())]
 
 
 def cap_rise(capped: torch.Tensor, widest: torch.Tensor, fused_classes: torch.Tensor) -> float:
     """The share of `capped` (indices, within `widest`) its most common fused class holds,
-    over that class's share of `widest` (nan if nothing is capped)."""
+    over that class's share of `widest` (nan if nothing is capped). Logged, not tested: a
+    poison tops the suspicion rank and rises as the cap narrows (2.9-3.3 at the 5% cap),
+    but so did a clean class (3.27, Fashion-MNIST Dirichlet, stop 41)."""
     members = top_class_members(capped, fused_classes)
     if len(members) == 0:
         return float("nan")
@@ -200,8 +190,8 @@ def fidelity_reference(
     `overrule_confidence_min` > 0, only if the fused model's mean probability of its class
     on those samples is at least that (`fused_confidence`); with `gate_classes`, only if
     that class is one of them (None: any class may be named). With `overrule_cap_halvings`,
-    the capped set is the widest of the cap and its halvings that one class fills, rising
-    there from the whole cap (`gated_cap`).
+    the capped set is the widest of the cap and its halvings that one class fills
+    (`gated_cap`).
     Below the gate the fused model is trusted on every sample and counted in `keep`: MM-BM's
     reference, since the non-IID disagreements left out of the agreement count let the
     penalty tighten the bounds until they cost clean ACC. The other disagreements, mostly
@@ -230,8 +220,9 @@ def fidelity_reference(
     candidates = one_class_share(disagree, fused_classes, class_gate)
     overruled = ~everyone
     scores = suspicion(overrule_rank, fused_logits, bounded_logits)
-    capped, rise, filled = gated_cap(candidates, scores, fused_classes, overrule_cap,
-                                     overrule_cap_halvings, overrule_gate)
+    capped = gated_cap(candidates, scores, fused_classes, overrule_cap, overrule_cap_halvings,
+                       overrule_gate)
+    rise = cap_rise(capped, most_suspect(candidates, scores, overrule_cap), fused_classes)
     concentration = top_class_share(capped, fused_classes)
     members = top_class_members(capped, fused_classes)  # the named class's, once it passes
     sources = source_share(members, ensemble_classes)
@@ -246,7 +237,7 @@ def fidelity_reference(
                    overrule_lift_max > 0 and lift > overrule_lift_max,
                    overrule_confidence_min > 0 and sure < overrule_confidence_min,
                    gate_classes is not None and top_class not in gate_classes)
-    one_target = filled and not any(clean_signs)
+    one_target = concentration >= overrule_gate and not any(clean_signs)
     if overrule_gate > 0 and not one_target:  # nan: nothing capped
         # no sign of a one-target poison: the fused model is trusted everywhere (MM-BM's fit)
         return Reference(fused_logits, everyone.float(), everyone, ~everyone,
