@@ -70,31 +70,35 @@ def top_class_share(candidates: torch.Tensor, classes: torch.Tensor) -> float:
     return (own == own.mode().values).float().mean().item()
 
 
-def gated_cap(candidates: torch.Tensor, scores: torch.Tensor, fused_classes: torch.Tensor,
-              cap: float, halvings: int, gate: float) -> torch.Tensor:
-    """The capped set the overrule gate tests: the most suspect `candidates` at the widest of
-    `cap` and its first `halvings` halvings in which one fused class holds `gate` of them,
-    else the one in which a class holds the most (the widest on ties).
+def halved_caps(candidates: torch.Tensor, scores: torch.Tensor, cap: float,
+                halvings: int) -> list[torch.Tensor]:
+    """The most suspect `candidates` at `cap` and at each of its first `halvings` halvings,
+    widest first."""
+    return [most_suspect(candidates, scores, cap / 2**step) for step in range(halvings + 1)]
+
+
+def gated_cap(caps: list[torch.Tensor], fused_classes: torch.Tensor, gate: float
+              ) -> torch.Tensor:
+    """The capped set the overrule gate tests: the widest of `caps` (`halved_caps`) in which
+    one fused class holds `gate` of them, else the one in which a class holds the most (the
+    widest on ties).
 
     A poison under half the cap cannot fill it, however high it ranks: 5% of D_syn held
     27% of the 20% cap on Fashion-MNIST (stop 41). A poison that fills the cap is found
     at the cap itself, so halvings change no gate that passed without them."""
-    caps = [most_suspect(candidates, scores, cap / 2**step) for step in range(halvings + 1)]
     shares = torch.tensor([top_class_share(c, fused_classes) for c in caps]).nan_to_num(-1.0)
     passing = torch.nonzero(shares >= gate).flatten()
     return caps[int(passing[0]) if len(passing) else int(shares.argmax())]
 
 
-def cap_rise(capped: torch.Tensor, widest: torch.Tensor, fused_classes: torch.Tensor) -> float:
-    """The share of `capped` (indices, within `widest`) its most common fused class holds,
-    over that class's share of `widest` (nan if nothing is capped). Logged, not tested: a
-    poison tops the suspicion rank and rises as the cap narrows (2.9-3.3 at the 5% cap),
+def cap_rise(concentration: float, top_class: int, widest: torch.Tensor,
+             fused_classes: torch.Tensor) -> float:
+    """A capped set's top-class share (`concentration`, of class `top_class`) over that
+    class's share of the whole cap `widest` (nan if nothing is capped). Logged, not tested:
+    a poison tops the suspicion rank and rises as the cap narrows (2.9-3.3 at the 5% cap),
     but so did a clean class (3.27, Fashion-MNIST Dirichlet, stop 41)."""
-    members = top_class_members(capped, fused_classes)
-    if len(members) == 0:
-        return float("nan")
-    in_widest = (fused_classes[widest] == fused_classes[members[0]]).float().mean().item()
-    return len(members) / len(capped) / in_widest
+    in_widest = (fused_classes[widest] == top_class).float().mean().item() if len(widest) else 0.0
+    return concentration / in_widest if in_widest else float("nan")
 
 
 def top_class_members(capped: torch.Tensor, fused_classes: torch.Tensor) -> torch.Tensor:
@@ -220,9 +224,8 @@ def fidelity_reference(
     candidates = one_class_share(disagree, fused_classes, class_gate)
     overruled = ~everyone
     scores = suspicion(overrule_rank, fused_logits, bounded_logits)
-    capped = gated_cap(candidates, scores, fused_classes, overrule_cap, overrule_cap_halvings,
-                       overrule_gate)
-    rise = cap_rise(capped, most_suspect(candidates, scores, overrule_cap), fused_classes)
+    caps = halved_caps(candidates, scores, overrule_cap, overrule_cap_halvings)
+    capped = gated_cap(caps, fused_classes, overrule_gate)
     concentration = top_class_share(capped, fused_classes)
     members = top_class_members(capped, fused_classes)  # the named class's, once it passes
     sources = source_share(members, ensemble_classes)
@@ -231,7 +234,7 @@ def fidelity_reference(
     top_class = int(fused_classes[members[0]]) if len(members) else -1
     diagnostics = {"cap_source_lift": lift, "cap_fused_confidence": sure,
                    "cap_top_class": top_class, "capped_share": len(capped) / len(fused_logits),
-                   "cap_rise": rise}
+                   "cap_rise": cap_rise(concentration, top_class, caps[0], fused_classes)}
     even = 1.0 / max(fused_logits.shape[1] - 1, 1)  # the share of each other class if spread
     clean_signs = (overrule_source_max > 0 and sources > overrule_source_max * even,
                    overrule_lift_max > 0 and lift > overrule_lift_max,
