@@ -121,6 +121,10 @@ class ExperimentConfig:
     # is at least this (a learnt trigger is a sure shortcut; a clean class's reach it late)
     bounds_overrule_confidence_min: float = field(default=0.75,
                                                   metadata={"min": 0.0, "max": 1.0})
+    # > 0: and only where the fit that overrules the capped set takes at least this share
+    # of it to the client ensemble's classes; else the fit is redone with the gate closed
+    # (bounds cut a trigger's out-of-range activations, not a clean class's features)
+    bounds_overrule_flip_min: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     # > 0: the last round whose gate may name a new target (D_syn's poison is there from
     # round 1; later, only the named class passes); 0: every round
     bounds_overrule_gate_rounds: int = field(default=1, metadata={"min": 0})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 
 import pytest
@@ -826,6 +827,35 @@ def test_the_fit_cuts_the_route_once_the_gate_class_is_not_held(backdoored) -> N
     assert inverted["acc"] > 0.95 and spared["acc"] > 0.95
     assert spared["gate-class-spared-share"] > 0 and held["gate-class-spared-share"] == 0
     assert held["gate-class"] == spared["gate-class"] == 0  # the gate names the target
+
+
+def test_a_named_class_whose_samples_the_bounds_do_not_flip_is_fitted_again_as_clean(
+        backdoored) -> None:
+    """The gate names the target. A full fit cuts the trigger and takes the overruled
+    poison to the ensemble's classes; a two-epoch fit flips none of it, under
+    `overrule_flip_min`, so it is redone with the gate closed (the same bounds as a fit
+    that may name nothing), the class and its flips logged. A forced round (gate 0) is not
+    tested."""
+    model, images, ensemble = backdoored
+
+    def fit(**changes: object) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        settings = BoundSettings(granularity="neuron", **changes)
+        return optimise_bounds(attach_bounds(copy.deepcopy(model)), images,
+                               torch.zeros(len(images)), ensemble, settings)
+    _, named = fit(overrule_flip_min=0.5)
+    assert named["gate-class"] == 0 and named["overruled-agreement"] >= 0.5
+    assert named["refuted-class"] == -1 and math.isnan(named["refuted-flips"])
+    refuted_bounds, refuted = fit(epochs=2, overrule_flip_min=0.5)
+    assert refuted["refuted-class"] == 0 and refuted["refuted-flips"] < 0.5
+    assert refuted["gate-class"] == -1 and refuted["overruled-share"] == 0
+    assert refuted["cap-top-class"] == 0
+    closed_bounds, closed = fit(epochs=2, gate_classes=())
+    assert all(torch.equal(refuted_bounds[k], closed_bounds[k]) for k in closed_bounds)
+    assert refuted["time"] > closed["time"]
+    _, forced = fit(epochs=2, overrule_flip_min=0.5, overrule_gate=0.0)
+    assert forced["refuted-class"] == -1 and forced["overruled-share"] > 0
+    with pytest.raises(ValueError, match="overrule-flip-min=2"):
+        BoundSettings(overrule_flip_min=2)
 
 
 def test_fusion_on_relabelled_targets_unlearns_the_trigger(backdoored) -> None:
