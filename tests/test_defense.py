@@ -844,11 +844,12 @@ def test_a_named_class_whose_samples_the_bounds_do_not_flip_is_fitted_again_as_c
                                torch.zeros(len(images)), ensemble, settings)
     _, named = fit(overrule_flip_min=0.5)
     assert named["gate-class"] == 0 and named["overruled-agreement"] >= 0.5
+    assert named["overruled-class-agreement"] >= 0.5  # the poison's own samples flip
     assert named["refuted-class"] == -1 and math.isnan(named["refuted-flips"])
     refuted_bounds, refuted = fit(epochs=2, overrule_flip_min=0.5)
     assert refuted["refuted-class"] == 0 and refuted["refuted-flips"] < 0.5
     assert refuted["gate-class"] == -1 and refuted["overruled-share"] == 0
-    assert refuted["cap-top-class"] == 0
+    assert refuted["cap-top-class"] == 0 and math.isnan(refuted["overruled-class-agreement"])
     closed_bounds, closed = fit(epochs=2, gate_classes=())
     assert all(torch.equal(refuted_bounds[k], closed_bounds[k]) for k in closed_bounds)
     assert refuted["time"] > closed["time"]

@@ -549,6 +549,7 @@ def _fit_bounds(
         "start-agreement": start_agreement,
         "collapses": float(collapses),
         "overruled-agreement": fixed,
+        **_class_flips(model, images[:reference_size], reference, fused_logits),
         "overruled-share": overruled_share,
         "capped-share": reference.capped_share,
         "cap-top-class-share": reference.cap_top_class_share,
@@ -570,6 +571,25 @@ def _fit_bounds(
         **inversion,
     }
     return final, stats
+
+
+def _class_flips(model: nn.Module, images: torch.Tensor, reference: Reference,
+                 fused_logits: torch.Tensor) -> dict[str, float]:
+    """Of the overruled samples in the gate's class and of the other overruled ones, the
+    shares the bounded `model` gives the client ensemble's class (nan where there are
+    none): a trigger's samples flip once the bounds cut it; a clean class's may not."""
+    overruled = reference.overruled[: len(images)]
+    if not overruled.any():
+        return {"overruled-class-agreement": float("nan"),
+                "overruled-rest-agreement": float("nan")}
+    predicted = predict_logits(model, images, device=torch.device("cpu")).argmax(1)
+    hits = predicted == reference.target_logits[: len(images)].argmax(1)
+    named = overruled & (fused_logits.argmax(1) == reference.gate_class)
+
+    def share(chosen: torch.Tensor) -> float:
+        return hits[chosen].float().mean().item() if chosen.any() else float("nan")
+    return {"overruled-class-agreement": share(named),
+            "overruled-rest-agreement": share(overruled & ~named)}
 
 
 def _with_inverted_trigger(
