@@ -122,8 +122,9 @@ class ExperimentConfig:
     bounds_overrule_confidence_min: float = field(default=0.75,
                                                   metadata={"min": 0.0, "max": 1.0})
     # > 0: and only where the fit that overrules the capped set takes at least this share
-    # of it to the client ensemble's classes; else the fit is redone with the gate closed
-    # (bounds cut a trigger's out-of-range activations, not a clean class's features)
+    # of the gate's class there to the client ensemble's classes; else the fit is redone
+    # with the gate closed (bounds cut a trigger, not a clean class's features; off: no
+    # one value separated them on both data sets)
     bounds_overrule_flip_min: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     # > 0: the last round whose gate may name a new target (D_syn's poison is there from
     # round 1; later, only the named class passes); 0: every round

@@ -88,8 +88,9 @@ def test_server_steps_resume_with_what_they_carry(tmp_path):
     assert all(torch.equal(resumed["fusion"].last_fused[k], first[k]) for k in first)
     expected, got = running["defense"](2, first, [], []), resumed["defense"](2, first, [], [])
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    def fitted(step):  # the history without its timings
-        return [{k: v for k, v in h.items() if "time" not in k} for h in step.history]
+    def fitted(step):  # the history without its timings, nan (a stat with nothing to count) as None
+        return [{k: None if v != v else v for k, v in h.items() if "time" not in k}
+                for h in step.history]
 
     assert fitted(resumed["defense"]) == fitted(running["defense"])
     assert resumed["defense"].history[-1]["warm-start"] == 1.0  # a fresh step starts cold

@@ -832,7 +832,7 @@ def test_the_fit_cuts_the_route_once_the_gate_class_is_not_held(backdoored) -> N
 def test_a_named_class_whose_samples_the_bounds_do_not_flip_is_fitted_again_as_clean(
         backdoored) -> None:
     """The gate names the target. A full fit cuts the trigger and takes the overruled
-    poison to the ensemble's classes; a two-epoch fit flips none of it, under
+    poison in it to the ensemble's classes; a two-epoch fit flips none of it, under
     `overrule_flip_min`, so it is redone with the gate closed (the same bounds as a fit
     that may name nothing), the class and its flips logged. A forced round (gate 0) is not
     tested."""
@@ -843,8 +843,7 @@ def test_a_named_class_whose_samples_the_bounds_do_not_flip_is_fitted_again_as_c
         return optimise_bounds(attach_bounds(copy.deepcopy(model)), images,
                                torch.zeros(len(images)), ensemble, settings)
     _, named = fit(overrule_flip_min=0.5)
-    assert named["gate-class"] == 0 and named["overruled-agreement"] >= 0.5
-    assert named["overruled-class-agreement"] >= 0.5  # the poison's own samples flip
+    assert named["gate-class"] == 0 and named["overruled-class-agreement"] >= 0.5
     assert named["refuted-class"] == -1 and math.isnan(named["refuted-flips"])
     refuted_bounds, refuted = fit(epochs=2, overrule_flip_min=0.5)
     assert refuted["refuted-class"] == 0 and refuted["refuted-flips"] < 0.5
