@@ -124,7 +124,7 @@ class BoundSettings:
     # the gate's class there to the ensemble's classes (`overruled-class-agreement`); else
     # the fit is redone with the gate closed: bounds cut a trigger's out-of-range
     # activations, not a clean class's features. Off: it separates them within a data set
-    # (Fashion-MNIST poison 0.79-0.82, a clean class 0.44; CIFAR-10 0.34 and 0.07), not
+    # (Fashion-MNIST poison 0.79-0.91, a clean class 0.44; CIFAR-10 0.34 and 0.07), not
     # across them (docs/defense.md, stop 42)
     overrule_flip_min: float = 0.0
     # > 0: the last round in which the gate may name a new target; later gates pass only
