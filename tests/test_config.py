@@ -89,10 +89,12 @@ def test_bounds_defaults_are_the_defense_library_defaults():
                                              bounds_overrule_confidence_min=0.7,
                                              bounds_overrule_gate_rounds=3,
                                              bounds_overrule_cap_halvings=2,
-                                             bounds_overrule_flip_min=0.2))
+                                             bounds_overrule_flip_min=0.2,
+                                             bounds_overrule_flip_lift_min=2.5))
     assert (chosen.overrule_source_max, chosen.overrule_lift_max, chosen.overrule_confidence_min,
             chosen.overrule_gate_rounds, chosen.overrule_cap_halvings,
-            chosen.overrule_flip_min) == (3.0, 2.0, 0.7, 3, 2, 0.2)
+            chosen.overrule_flip_min, chosen.overrule_flip_lift_min) == (3.0, 2.0, 0.7, 3, 2, 0.2,
+                                                                     2.5)
 
 
 def test_empty_fm_means_the_fm_dir_for_the_dataset(monkeypatch, tmp_path):

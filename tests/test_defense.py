@@ -39,7 +39,7 @@ from fmfl_flwr.defense.objectives import (
     one_class_share,
     trimmed_weights,
 )
-from fmfl_flwr.defense.optimise import _agreement, _verified
+from fmfl_flwr.defense.optimise import _agreement, _refuted, _verified
 from fmfl_flwr.defense.steps import settings_after_unlearning
 from fmfl_flwr.fusion import (
     Fusion,
@@ -845,8 +845,10 @@ def test_a_named_class_whose_samples_the_bounds_do_not_flip_is_fitted_again_as_c
     _, named = fit(overrule_flip_min=0.5)
     assert named["gate-class"] == 0 and named["overruled-class-agreement"] >= 0.5
     assert named["refuted-class"] == -1 and math.isnan(named["refuted-flips"])
+    assert math.isnan(named["refuted-rest-flips"])
     refuted_bounds, refuted = fit(epochs=2, overrule_flip_min=0.5)
     assert refuted["refuted-class"] == 0 and refuted["refuted-flips"] < 0.5
+    assert math.isnan(refuted["refuted-rest-flips"])  # the whole cap is in the class
     assert refuted["gate-class"] == -1 and refuted["overruled-share"] == 0
     assert refuted["cap-top-class"] == 0 and math.isnan(refuted["overruled-class-agreement"])
     closed_bounds, _ = fit(epochs=2, gate_classes=())
@@ -855,6 +857,27 @@ def test_a_named_class_whose_samples_the_bounds_do_not_flip_is_fitted_again_as_c
     assert forced["refuted-class"] == -1 and forced["overruled-share"] > 0
     with pytest.raises(ValueError, match="overrule-flip-min=2"):
         BoundSettings(overrule_flip_min=2)
+
+
+def test_a_named_class_flipped_no_more_than_the_rest_of_the_cap_is_refuted() -> None:
+    """`overrule_flip_lift_min` weighs the named class's flips against the other overruled
+    samples' (stop 42's round 1s): Fashion-MNIST's poison 0.82 against 0.37 stands at 2, a
+    clean class's 0.44 against 0.24 falls, and so does CIFAR-10's 0.07 against 0.27. A cap
+    with nothing beside the class, a closed or forced gate, or the option at 0, refutes
+    nothing."""
+    lift = BoundSettings(overrule_flip_lift_min=2.0)
+
+    def flips(named: float, rest: float, gate_class: float = 5.0) -> dict[str, float]:
+        return {"gate-class": gate_class, "overruled-class-agreement": named,
+                "overruled-rest-agreement": rest}
+    assert not _refuted(flips(0.82, 0.37), lift)
+    assert _refuted(flips(0.44, 0.24), lift) and _refuted(flips(0.07, 0.27), lift)
+    assert not _refuted(flips(0.0, float("nan")), lift)
+    assert not _refuted(flips(0.07, 0.27, gate_class=-1.0), lift)
+    assert not _refuted(flips(0.07, 0.27), replace(lift, overrule_gate=0.0))
+    assert not _refuted(flips(0.07, 0.27), BoundSettings())
+    with pytest.raises(ValueError, match="overrule-flip-lift-min=-1"):
+        BoundSettings(overrule_flip_lift_min=-1)
 
 
 def test_fusion_on_relabelled_targets_unlearns_the_trigger(backdoored) -> None:
