@@ -492,6 +492,20 @@ def test_overrule_gate_overrules_the_cap_only_where_one_class_fills_it() -> None
         BoundSettings(overrule_gate=1.5)
 
 
+def test_a_class_holding_exactly_the_gate_share_passes() -> None:
+    """9 of 20 disputed samples in fused class 0 pass a gate of 0.45, at the cap and at a
+    wider cap halved: the share is counted exactly, not as a float32 mean (0.44999999),
+    which had one comparison pass it and the other close the gate."""
+    fused_classes = torch.tensor([0] * 9 + [1] * 6 + [2] * 5)
+    fused = torch.nn.functional.one_hot(fused_classes, 3).float() * 5
+    ensemble = torch.nn.functional.one_hot((fused_classes + 1) % 3, 3).float()
+    for cap, halvings in ((1.0, 0), (1.0, 1)):
+        named = fidelity_reference("ensemble-switch", fused, ensemble, 3.0, overrule_cap=cap,
+                                   overrule_gate=0.45, overrule_cap_halvings=halvings)
+        assert named.gate_class == 0 and named.cap_top_class_share == 0.45
+        assert named.overruled.all()
+
+
 def test_halved_caps_find_a_poison_too_small_to_fill_the_cap() -> None:
     """The cap keeps the 4 most confident disagreements (0-3), of which fused class 0 holds
     2: under a gate of 0.6. One halving keeps 0 and 1, all class 0, twice its share of the

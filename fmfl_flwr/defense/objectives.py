@@ -63,11 +63,12 @@ class Reference:
 
 
 def top_class_share(candidates: torch.Tensor, classes: torch.Tensor) -> float:
-    """The share of the `candidates` (indices) their most common class holds (nan if none)."""
+    """The share of the `candidates` (indices) their most common class holds (nan if none),
+    counted exactly: a float32 mean put 45 of 100 under a gate of 0.45."""
     if len(candidates) == 0:
         return float("nan")
     own = classes[candidates]
-    return (own == own.mode().values).float().mean().item()
+    return int((own == own.mode().values).sum()) / len(own)
 
 
 def halved_caps(candidates: torch.Tensor, scores: torch.Tensor, cap: float,
@@ -86,7 +87,8 @@ def gated_cap(caps: list[torch.Tensor], fused_classes: torch.Tensor, gate: float
     A poison under half the cap cannot fill it, however high it ranks: 5% of D_syn held
     27% of the 20% cap on Fashion-MNIST (stop 41). A poison that fills the cap is found
     at the cap itself, so halvings change no gate that passed without them."""
-    shares = torch.tensor([top_class_share(c, fused_classes) for c in caps]).nan_to_num(-1.0)
+    shares = torch.tensor([top_class_share(c, fused_classes) for c in caps],
+                          dtype=torch.float64).nan_to_num(-1.0)
     passing = torch.nonzero(shares >= gate).flatten()
     return caps[int(passing[0]) if len(passing) else int(shares.argmax())]
 
