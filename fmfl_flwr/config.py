@@ -127,8 +127,9 @@ class ExperimentConfig:
     # one value separated them on both data sets)
     bounds_overrule_flip_min: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     # > 0: and only where it takes that class there at least this many times as often as
-    # the cap's other overruled samples; else the same refit
-    bounds_overrule_flip_lift_min: float = field(default=0.0, metadata={"min": 0.0})
+    # the cap's other overruled samples; else the same refit (a trigger flips more than the
+    # non-IID ensemble's disagreements beside it, a clean class did not)
+    bounds_overrule_flip_lift_min: float = field(default=1.0, metadata={"min": 0.0})
     # > 0: the last round whose gate may name a new target (D_syn's poison is there from
     # round 1; later, only the named class passes); 0: every round
     bounds_overrule_gate_rounds: int = field(default=1, metadata={"min": 0})
@@ -302,6 +303,7 @@ BEFORE_THE_KEY: dict[str, Any] = {
     "bounds-overrule-confidence-min": 0.0,  # dfc5888, on since 0f20734: the gate did not ask
     "bounds-overrule-gate-rounds": 0,  # stop 40: any round's gate could name a new target
     "bounds-overrule-cap-halvings": 0,  # stop 41: the gate tested the whole cap alone
+    "bounds-overrule-flip-lift-min": 0.0,  # stop 43: the gate did not weigh the fit's flips
 }
 
 

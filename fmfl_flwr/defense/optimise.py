@@ -129,9 +129,11 @@ class BoundSettings:
     overrule_flip_min: float = 0.0
     # > 0: and only if it takes that class's capped samples there at least this many times
     # as often as the cap's other overruled samples (`overruled-rest-agreement`: how far the
-    # fit flips anything on this data set and model); else the same refit. A trigger's
-    # samples flip more than the rest, a clean class's no more (docs/defense.md, stop 43)
-    overrule_flip_lift_min: float = 0.0
+    # fit flips anything on this data set and model); else the same refit. 1: a trigger's
+    # samples flipped 2.3-21 times as often as the rest in every attacked round 1 measured,
+    # two of three clean classes the gate was made to name 0 and 0.26 times, one 1.83
+    # (docs/defense.md, stop 43)
+    overrule_flip_lift_min: float = 1.0
     # > 0: the last round in which the gate may name a new target; later gates pass only
     # for the class already named. D_syn and its poison are fixed before round 1, whose fit
     # named the target in every attacked run; clean classes filled the cap in rounds 3 and
