@@ -419,13 +419,14 @@ def optimise_bounds(
 def _refuted(stats: dict[str, float], settings: BoundSettings) -> bool:
     """Whether a fit whose gate passed its own test (a round forced to overrule skips it)
     took under `overrule_flip_min` of the overruled samples in the gate's class to the
-    ensemble's classes, or under `overrule_flip_lift_min` times the share of the other
-    overruled samples it took there (none of those: nothing to compare, not refuted)."""
+    ensemble's classes, or no more than `overrule_flip_lift_min` times the share of the
+    other overruled samples it took there (none of those: nothing to compare, not
+    refuted; none of either flipped: refuted, as a trigger's samples flip)."""
     if settings.overrule_gate <= 0 or stats["gate-class"] < 0:
         return False
     named, rest = stats["overruled-class-agreement"], stats["overruled-rest-agreement"]
-    return (named < settings.overrule_flip_min
-            or named < settings.overrule_flip_lift_min * rest)
+    lift = settings.overrule_flip_lift_min
+    return named < settings.overrule_flip_min or (lift > 0 and named <= lift * rest)
 
 
 def _fit_bounds(
