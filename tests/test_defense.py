@@ -493,9 +493,9 @@ def test_overrule_gate_overrules_the_cap_only_where_one_class_fills_it() -> None
 
 
 def test_a_class_holding_exactly_the_gate_share_passes() -> None:
-    """9 of 20 disputed samples in fused class 0 pass a gate of 0.45, at the cap and at a
-    wider cap halved: the share is counted exactly, not as a float32 mean (0.44999999),
-    which had one comparison pass it and the other close the gate."""
+    """9 of 20 disputed samples in fused class 0 pass a gate of 0.45, with the halved caps
+    and without: the share is counted exactly, not as a float32 mean (0.44999999), which
+    had one comparison pass it and the other close the gate."""
     fused_classes = torch.tensor([0] * 9 + [1] * 6 + [2] * 5)
     fused = torch.nn.functional.one_hot(fused_classes, 3).float() * 5
     ensemble = torch.nn.functional.one_hot((fused_classes + 1) % 3, 3).float()

@@ -127,12 +127,12 @@ class BoundSettings:
     # (Fashion-MNIST poison 0.79-0.91, a clean class 0.44; CIFAR-10 0.34 and 0.07), not
     # across them (docs/defense.md, stop 42)
     overrule_flip_min: float = 0.0
-    # > 0: and only if it takes that class's capped samples there at least this many times
+    # > 0: and only if it takes that class's capped samples there more than this many times
     # as often as the cap's other overruled samples (`overruled-rest-agreement`: how far the
     # fit flips anything on this data set and model); else the same refit. 1: a trigger's
-    # samples flipped 2.3-21 times as often as the rest in every attacked round 1 measured,
-    # two of three clean classes the gate was made to name 0 and 0.26 times, one 1.83
-    # (docs/defense.md, stop 43)
+    # samples flipped 1.84-21 times as often as the rest in every attacked round 1 measured;
+    # of four clean classes the gate was made to name, two 0 and 0.26 times, two 1.83 and
+    # 3.34 (docs/defense.md, stop 43)
     overrule_flip_lift_min: float = 1.0
     # > 0: the last round in which the gate may name a new target; later gates pass only
     # for the class already named. D_syn and its poison are fixed before round 1, whose fit
