@@ -128,7 +128,7 @@ class ExperimentConfig:
     bounds_overrule_flip_min: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     # > 0: and only where it takes that class there more than this many times as often as
     # the cap's other overruled samples; else the same refit (a trigger flips more than the
-    # non-IID ensemble's disagreements beside it; two of four clean classes did not)
+    # non-IID ensemble's disagreements beside it; three of five clean classes did not)
     bounds_overrule_flip_lift_min: float = field(default=1.0, metadata={"min": 0.0})
     # > 0: the last round whose gate may name a new target (D_syn's poison is there from
     # round 1; later, only the named class passes); 0: every round

@@ -131,7 +131,7 @@ class BoundSettings:
     # as often as the cap's other overruled samples (`overruled-rest-agreement`: how far the
     # fit flips anything on this data set and model); else the same refit. 1: a trigger's
     # samples flipped 1.84-21 times as often as the rest in every attacked round 1 measured;
-    # of four clean classes the gate was made to name, two 0 and 0.26 times, two 1.83 and
+    # of five clean classes the gate was made to name, three 0-0.90 times, two 1.83 and
     # 3.34 (docs/defense.md, stop 43)
     overrule_flip_lift_min: float = 1.0
     # > 0: the last round in which the gate may name a new target; later gates pass only
