@@ -129,21 +129,21 @@ def check_replies(summary: dict[str, Any]) -> str:
 def _variants(runs: pd.DataFrame) -> pd.Series:
     """Keys that tell apart runs the other columns would lump together (e.g. `lr=0.01`).
 
-    A key missing from a run's config (an older version's run) counts as that version ran
-    without it (`complete_run_config`).
+    Every run shows its values of all such keys, not only the runs they tell apart: a
+    defense run alone in its row then shares the column of the undefended runs of its
+    setting (a CIFAR-10 run beside two undefended ones, CIFAR-10 and Fashion-MNIST, sat
+    in a column of its own). A key missing from a run's config (an older version's run)
+    counts as that version ran without it (`complete_run_config`).
     """
     configs = runs["config"].map(json.loads)
-    variant = pd.Series("", index=runs.index)
+    keys: set[str] = set()
     for _, group in runs.groupby(["system", "threat", "partition", "clients", "defense"],
                                  dropna=False):
-        if group["config"].nunique() < 2:
-            continue
         members = configs[group.index]
-        keys = sorted({k for c in members for k in c
-                       if len({json.dumps(m.get(k)) for m in members}) > 1} - SHOWN)
-        variant[group.index] = members.map(lambda c, keys=keys: " ".join(
-            f"{k}={c.get(k)}" for k in keys))
-    return variant
+        keys |= {k for c in members for k in c
+                 if len({json.dumps(m.get(k)) for m in members}) > 1}
+    shown = sorted(keys - SHOWN)
+    return configs.map(lambda c: " ".join(f"{k}={c.get(k)}" for k in shown))
 
 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:

@@ -97,10 +97,26 @@ def test_runs_that_differ_in_other_keys_are_kept_apart(tmp_path):
     make_run(tmp_path, "c", {"partition": "dirichlet", "dirichlet-alpha": 0.1}, [0.1, 0.6],
              [0.0, 0.1], clients=None)
     table = summary_table(load_runs(tmp_path))
-    assert sorted(table["variant"]) == ["", "lr=0.01", "lr=0.05"]
+    assert sorted(table["variant"]) == ["lr=0.01", "lr=0.05", "lr=0.05"]
     assert sorted(table["acc_mean"]) == pytest.approx([0.6, 0.7, 0.9])
     assert "dirichlet(0.1)" in set(table["partition"])
     assert "lr=0.01" in markdown_table(table)  # one run has no client count (NA)
+
+
+def test_a_defense_run_shares_the_column_of_its_settings_undefended_run(tmp_path):
+    """A CIFAR-10 defense run beside undefended CIFAR-10 and Fashion-MNIST runs: the
+    dataset tells only the undefended two apart, yet labels all three."""
+    cifar = {**FM_ATTACK, "dataset": "cifar10", "model": "resnet18"}
+    make_run(tmp_path, "cifar-bounds", {**cifar, "defense": "activation-bounds"}, [0.1, 0.4],
+             [0.0, 0.9])
+    make_run(tmp_path, "cifar-none", cifar, [0.1, 0.42], [0.0, 0.93])
+    make_run(tmp_path, "fashion-none", {**FM_ATTACK, "dataset": "fashion-mnist",
+                                        "model": "cnn"}, [0.1, 0.85], [0.0, 0.92])
+    variant = load_runs(tmp_path).set_index("run")["variant"]
+    assert variant["cifar-bounds"] == variant["cifar-none"] == "dataset=cifar10 model=resnet18"
+    assert variant["fashion-none"] == "dataset=fashion-mnist model=cnn"
+    lines = markdown_table(summary_table(load_runs(tmp_path))).splitlines()
+    assert len(lines[2].split("|")) == 5  # two setting columns, not three
 
 
 def test_a_key_an_older_run_lacks_counts_as_its_default(tmp_path):
