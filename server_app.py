@@ -123,7 +123,12 @@ def pretrain_and_defend(model: torch.nn.Module, syn, settings, defense) -> float
     Returns the pre-training seconds; the defense's own time is in its history.
     """
     started = time.perf_counter()
-    pretrain(model, *syn, settings)
+
+    def progress(epoch: int, loss: float) -> None:
+        log(INFO, "fmfl: pre-training on D_syn, epoch %d/%d, loss %.4f (%.0f s)", epoch,
+            settings.pretrain_epochs, loss, time.perf_counter() - started)
+
+    pretrain(model, *syn, settings, on_epoch=progress)
     seconds = time.perf_counter() - started
     if defense is not None:
         state = defense(0, dict(model.state_dict()), [], [])

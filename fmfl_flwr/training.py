@@ -20,11 +20,16 @@ def seeded_generator(seed: int) -> torch.Generator:
 
 def minimise(optimiser: torch.optim.Optimizer, num_samples: int, epochs: int,
              batch_size: int, seed: int,
-             batch_loss: Callable[[torch.Tensor], torch.Tensor]) -> float:
-    """`epochs` passes of seeded shuffled mini-batches (index tensors); the mean loss."""
+             batch_loss: Callable[[torch.Tensor], torch.Tensor],
+             on_epoch: Callable[[int, float], None] | None = None) -> float:
+    """`epochs` passes of seeded shuffled mini-batches (index tensors); the mean loss.
+
+    `on_epoch(epoch, mean loss of that epoch)` follows each pass (progress of long jobs).
+    """
     generator = seeded_generator(seed)
     total, count = 0.0, 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        before = total
         order = torch.randperm(num_samples, generator=generator)
         for start in range(0, num_samples, batch_size):
             batch = order[start : start + batch_size]
@@ -34,6 +39,8 @@ def minimise(optimiser: torch.optim.Optimizer, num_samples: int, epochs: int,
             optimiser.step()
             total += loss.item() * len(batch)
             count += len(batch)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, (total - before) / max(num_samples, 1))
     return total / max(count, 1)
 
 
@@ -50,6 +57,7 @@ def train_epochs(
     device: torch.device | None = None,
     teacher_logits: torch.Tensor | None = None,
     teacher_weight: float = 0.0,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> float:
     """SGD over (images, labels) in seeded shuffled mini-batches; returns the mean loss.
 
@@ -71,7 +79,7 @@ def train_epochs(
                 logits.log_softmax(1), teacher_probs[batch].to(device), reduction="batchmean")
         return loss
 
-    return minimise(optimiser, len(images), epochs, batch_size, seed, batch_loss)
+    return minimise(optimiser, len(images), epochs, batch_size, seed, batch_loss, on_epoch)
 
 
 @torch.no_grad()

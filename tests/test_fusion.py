@@ -58,6 +58,20 @@ def test_pretraining_learns_the_synthetic_labels():
     assert (predict_logits(model, x).argmax(1) == y).float().mean() > 0.8
 
 
+def test_pretraining_reports_each_epoch_and_trains_as_without_the_report():
+    x, y = _data(100)
+    settings = FusionSettings(pretrain_epochs=3, batch_size=32)
+    torch.manual_seed(1)
+    quiet, reported = _tiny(), _tiny()
+    reported.load_state_dict(quiet.state_dict())
+    pretrain(quiet, x, y, settings)
+    epochs = []
+    pretrain(reported, x, y, settings, on_epoch=lambda epoch, loss: epochs.append((epoch, loss)))
+    assert [epoch for epoch, _ in epochs] == [1, 2, 3]
+    assert all(loss > 0 for _, loss in epochs) and epochs[-1][1] < epochs[0][1]
+    assert all(torch.equal(quiet.state_dict()[k], v) for k, v in reported.state_dict().items())
+
+
 def test_fusion_step_is_deterministic_and_keeps_the_ensemble():
     x, y = _data()
     clients = [_tiny().state_dict() for _ in range(3)]

@@ -80,6 +80,22 @@ def test_pretraining_time_leaves_out_the_round_zero_defense():
     assert 0.0 < seconds < 0.5
 
 
+def test_pretraining_logs_each_epoch(monkeypatch):
+    # CIFAR-10's pre-training takes minutes an epoch on a CPU: the log shows it moving.
+    import torch
+
+    from fmfl_flwr.fusion import FusionSettings
+
+    lines = []
+    monkeypatch.setattr(server_app, "log", lambda level, text, *args: lines.append(text % args))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    server_app.pretrain_and_defend(
+        model, (torch.rand(32, 1, 4, 4), torch.randint(0, 3, (32,))),
+        FusionSettings(pretrain_epochs=2, batch_size=32), None)
+    assert [line.split(", loss")[0] for line in lines] == [
+        "fmfl: pre-training on D_syn, epoch 1/2", "fmfl: pre-training on D_syn, epoch 2/2"]
+
+
 @pytest.mark.parametrize("defense", ["none", "mm-bm", "pruning", "clean-bounds-oracle"])
 def test_fusion_runs_beside_defenses_that_name_no_target(defense):
     """FM-FL fusion without the gated defense: nothing to relabel or unlearn, and fusion
