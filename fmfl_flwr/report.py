@@ -56,7 +56,7 @@ def load_runs(folder: Path) -> pd.DataFrame:
             "wall_time_s": float(summary.get("wall_time_s", float("nan"))),
             "note": "; ".join(filter(None, [check_phases(config, summary.get("phases_s", {})),
                                             check_replies(summary)])),
-            "config": json.dumps({k: v for k, v in
+            "config": json.dumps({k: _canonical(v) for k, v in
                                   sorted(complete_run_config(config, DEFAULTS).items())
                                   if k not in IGNORED}, default=str),
         })
@@ -68,6 +68,11 @@ def load_runs(folder: Path) -> pd.DataFrame:
     runs["variant"] = _variants(runs)
     runs["clients"] = runs["clients"].astype("Int64")
     return runs.drop(columns="config")
+
+
+def _canonical(value: Any) -> Any:
+    """A whole float as an int: `--set key=1` and a default of 1.0 are one setting."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _run_dirs(folder: Path) -> list[Path]:

@@ -119,6 +119,16 @@ def test_a_defense_run_shares_the_column_of_its_settings_undefended_run(tmp_path
     assert len(lines[2].split("|")) == 5  # two setting columns, not three
 
 
+def test_a_whole_number_set_as_an_int_is_the_float_default(tmp_path):
+    """`--set bounds-overrule-flip-lift-min=1` against the default 1.0: one setting."""
+    make_run(tmp_path, "default", {"seed": 0, "lr": 1.0}, [0.1, 0.9], [0.0, 0.1])
+    make_run(tmp_path, "set", {"seed": 1, "lr": 1}, [0.1, 0.7], [0.0, 0.1])
+    table = summary_table(load_runs(tmp_path))
+    assert list(table["seeds"]) == [2] and list(table["variant"]) == [""]
+    make_run(tmp_path, "other", {"seed": 2, "lr": 1.5}, [0.1, 0.5], [0.0, 0.1])
+    assert sorted(summary_table(load_runs(tmp_path))["variant"]) == ["lr=1", "lr=1.5"]
+
+
 def test_a_key_an_older_run_lacks_counts_as_its_default(tmp_path):
     """A run from before `attack-lift-bounds` existed and one with it at its default are
     seeds of one setting; one with it on is another."""
