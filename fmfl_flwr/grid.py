@@ -335,11 +335,20 @@ def default_out(source: Path) -> Path:
 
 
 def parse_set(values: list[str]) -> dict[str, Any]:
-    """Repeated `--set KEY=VALUE` options (TOML values, as in flwr run --run-config)."""
-    try:
-        return tomllib.loads("\n".join(values))
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"--set {values}: expected key=value in TOML ({err})") from err
+    """Repeated `--set KEY=VALUE` options (TOML values, as in flwr run --run-config); an
+    error names the one option at fault and how a string is written."""
+    parsed: dict[str, Any] = {}
+    for value in values:
+        key = value.split("=", 1)[0].strip()
+        try:
+            option = tomllib.loads(value)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"--set {value!r}: expected key=value in TOML, strings in quotes "
+                              f"({key}='...'); {err}") from err
+        if key in parsed:
+            raise ConfigError(f"--set {key} is given twice")
+        parsed.update(option)
+    return parsed
 
 
 def cmd_grid(args: argparse.Namespace) -> int:

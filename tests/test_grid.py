@@ -246,3 +246,14 @@ def test_a_tiny_grid_runs_in_flower_then_skips_on_the_second_call(tmp_path, caps
     assert "2 finished, 0 to run" in capsys.readouterr().out
     assert main(["report", str(out)]) == 0
     assert (out / "report" / "final-asr.png").is_file()
+
+
+def test_a_set_string_without_quotes_names_its_option_and_the_quotes():
+    from fmfl_flwr.grid import parse_set
+
+    assert parse_set(["seed=2", "partition='dirichlet'"]) == {"seed": 2,
+                                                               "partition": "dirichlet"}
+    with pytest.raises(ConfigError, match=r"--set 'partition=dirichlet'.*partition='\.\.\.'"):
+        parse_set(["seed=2", "partition=dirichlet"])
+    with pytest.raises(ConfigError, match="--set seed is given twice"):
+        parse_set(["seed=2", "seed=3"])
