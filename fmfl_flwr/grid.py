@@ -339,14 +339,15 @@ def parse_set(values: list[str]) -> dict[str, Any]:
     error names the one option at fault and how a string is written."""
     parsed: dict[str, Any] = {}
     for value in values:
-        key = value.split("=", 1)[0].strip()
         try:
             option = tomllib.loads(value)
         except tomllib.TOMLDecodeError as err:
+            key = value.split("=", 1)[0].strip()
             raise ConfigError(f"--set {value!r}: expected key=value in TOML, strings in quotes "
                               f"({key}='...'); {err}") from err
-        if key in parsed:
-            raise ConfigError(f"--set {key} is given twice")
+        twice = parsed.keys() & option.keys()
+        if twice:
+            raise ConfigError(f"--set {', '.join(sorted(twice))} is given twice")
         parsed.update(option)
     return parsed
 
