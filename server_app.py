@@ -35,10 +35,12 @@ from fmfl_flwr.config import ExperimentConfig
 from fmfl_flwr.data import load_dataset, to_float
 from fmfl_flwr.defense import ensure_bounds_for_state, make_defense
 from fmfl_flwr.foundation import synthetic_set_for_config
-from fmfl_flwr.fusion import Fusion, pretrain
+from fmfl_flwr.fusion import Fusion
 from fmfl_flwr.metrics import acc_and_asr
 from fmfl_flwr.models import build_model
 from fmfl_flwr.partition import public_split
+from fmfl_flwr.pretrain_cache import default_root as pretrain_cache_root
+from fmfl_flwr.pretrain_cache import pretrain_cached
 from fmfl_flwr.results import RunRecorder, resolve_output_dir
 from fmfl_flwr.summary import format_table, summarise
 from fmfl_flwr.training import train_epochs
@@ -120,7 +122,8 @@ def pretrain_and_defend(model: torch.nn.Module, syn, settings, defense) -> float
 
     Pre-training learns whatever D_syn carries, a poisoned share included, and there is no
     client ensemble yet: the defense runs on its own (bounds: MM-BM with the trimmed share).
-    Returns the pre-training seconds; the defense's own time is in its history.
+    Returns the pre-training seconds (a cache hit's load time when this exact training ran
+    before: `pretrain_cache`); the defense's own time is in its history.
     """
     started = time.perf_counter()
 
@@ -128,7 +131,8 @@ def pretrain_and_defend(model: torch.nn.Module, syn, settings, defense) -> float
         log(INFO, "fmfl: pre-training on D_syn, epoch %d/%d, loss %.4f (%.0f s)", epoch,
             settings.pretrain_epochs, loss, time.perf_counter() - started)
 
-    pretrain(model, *syn, settings, on_epoch=progress)
+    if pretrain_cached(model, *syn, settings, on_epoch=progress):
+        log(INFO, "fmfl: pre-trained model from the cache (%s)", pretrain_cache_root())
     seconds = time.perf_counter() - started
     if defense is not None:
         state = defense(0, dict(model.state_dict()), [], [])

@@ -27,25 +27,19 @@ import torch
 from fmfl_flwr import attacks
 from fmfl_flwr.app_config import bound_settings, fusion_settings, parse_app_config
 from fmfl_flwr.cli import app_defaults, parse_overrides
-from fmfl_flwr.data import cache_dir, load_dataset, to_float
+from fmfl_flwr.data import load_dataset, to_float
 from fmfl_flwr.defense import attach_bounds, optimise_bounds
-from fmfl_flwr.fusion import pretrain
 from fmfl_flwr.metrics import acc_and_asr
 from fmfl_flwr.models import build_model
+from fmfl_flwr.pretrain_cache import pretrain_cached
 from server_app import seed_everything, synthetic_data
 
 
-def pretrained(config, dataset, syn, name: str) -> torch.nn.Module:
-    """The round-0 model pre-trained on `syn`, cached per D_syn and seed."""
-    model = build_model(config.model, config.dataset, dataset.num_classes, config.model_width)
-    path = cache_dir() / "bench" / f"round0_{name}_seed{config.seed}.pt"
-    if path.exists():
-        model.load_state_dict(torch.load(path))
-        return model
+def pretrained(config, dataset, syn) -> torch.nn.Module:
+    """The round-0 model as the ServerApp builds and pre-trains it (shares its cache)."""
     seed_everything(config.seed)
-    pretrain(model, *syn, fusion_settings(config))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
+    model = build_model(config.model, config.dataset, dataset.num_classes, config.model_width)
+    pretrain_cached(model, *syn, fusion_settings(config))
     return model
 
 
@@ -69,7 +63,7 @@ def main() -> None:
     for name, attack in (("clean", "none"), ("poisoned", base["fm-attack"])):
         config = parse_app_config({**base, "fm-attack": attack})
         syn = synthetic_data(config)
-        model = pretrained(config, dataset, syn, name)
+        model = pretrained(config, dataset, syn)
         rows.append({"d_syn": name, "variant": "pre-trained",
                      **acc_and_asr(model, test_x, test_y, trigger, config.target_label)})
         print(rows[-1], flush=True)

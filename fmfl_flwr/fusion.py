@@ -38,6 +38,7 @@ from fmfl_flwr.training import (
 )
 
 StateDict = dict[str, torch.Tensor]
+PRETRAIN_LR = 0.05
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def pretrain(model: nn.Module, syn_x: torch.Tensor, syn_y: torch.Tensor,
     `on_epoch(epoch, loss)` after each epoch (minutes each for CIFAR-10 on a CPU)."""
     if settings.pretrain_epochs:
         train_epochs(model, syn_x, syn_y, settings.pretrain_epochs, settings.batch_size,
-                     lr=0.05, seed=settings.seed, on_epoch=on_epoch)
+                     lr=PRETRAIN_LR, seed=settings.seed, on_epoch=on_epoch)
 
 
 def ensemble_logits(model: nn.Module, client_states: list[StateDict],

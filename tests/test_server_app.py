@@ -96,6 +96,30 @@ def test_pretraining_logs_each_epoch(monkeypatch):
         "fmfl: pre-training on D_syn, epoch 1/2", "fmfl: pre-training on D_syn, epoch 2/2"]
 
 
+def test_a_second_run_loads_the_pretrained_model_from_the_cache(monkeypatch, tmp_path):
+    # Every grid cell with the same model, seed and D_syn pre-trains the same weights.
+    import torch
+
+    from fmfl_flwr.fusion import FusionSettings
+
+    monkeypatch.setenv("FMFL_CACHE_DIR", str(tmp_path))
+    lines = []
+    monkeypatch.setattr(server_app, "log", lambda level, text, *args: lines.append(text % args))
+    syn = (torch.rand(32, 1, 4, 4), torch.randint(0, 3, (32,)))
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)))
+        server_app.pretrain_and_defend(models[-1], syn, FusionSettings(pretrain_epochs=2,
+                                                                       batch_size=32), None)
+    assert [line.split(" (")[0] for line in lines[2:]] == [
+        "fmfl: pre-trained model from the cache"]
+    assert str(tmp_path / "pretrained") in lines[2]
+    for first, second in zip(models[0].state_dict().values(), models[1].state_dict().values(),
+                             strict=True):
+        assert torch.equal(first, second)
+
+
 @pytest.mark.parametrize("defense", ["none", "mm-bm", "pruning", "clean-bounds-oracle"])
 def test_fusion_runs_beside_defenses_that_name_no_target(defense):
     """FM-FL fusion without the gated defense: nothing to relabel or unlearn, and fusion
