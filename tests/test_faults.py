@@ -22,6 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+import strategies.fmfl
 from fmfl_flwr.config import PLAIN_FEDAVG
 from fmfl_flwr.launch import APP_DIR, run_simulation
 from strategies.fmfl import FMFLStrategy
@@ -195,6 +196,24 @@ class TestServedBounds:
         for state in seen:  # the aggregate and both client models fusion reads
             np.testing.assert_array_equal(state[self.BOUND].numpy(), self.SERVED)
         assert strategy.round_info[1]["bounds-reset-replies"] == 1
+
+
+@pytest.mark.usefixtures("in_a_run")
+def test_each_server_step_is_logged_as_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fusion and the bounds take minutes a round on CIFAR-10: the log shows which is running.
+    lines: list[str] = []
+    monkeypatch.setattr(strategies.fmfl, "log", lambda level, text, *a: lines.append(text % a))
+
+    def step(server_round, state, clients, weights):
+        return state
+
+    strategy = sent(FMFLStrategy(FedAvg(fraction_evaluate=0.0, min_available_nodes=1,
+                                        min_train_nodes=1),
+                                 fusion=step, post_fusion=[("activation-bounds", step)]))
+    strategy.aggregate_train(1, [good(1.0), good(3.0, node_id=2)])
+    assert [line.split(" (")[0] for line in lines] == [
+        "fmfl: round 1: aggregated 2 replies", "fmfl: round 1: fusion",
+        "fmfl: round 1: activation-bounds"]
 
 
 class FlakyGrid:
