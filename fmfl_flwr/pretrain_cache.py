@@ -1,11 +1,11 @@
 """The pre-trained model on disk: trained once per (initial weights, D_syn, settings).
 
-Pre-training ResNet-18 on 10,000 synthetic images takes 45 s alone on a 2-core CPU, minutes
-beside other runs and over an hour at eight epochs (stop 44), and every cell of a grid that
-shares the model, seed and D_syn pre-trains the same weights. Training is seeded and draws from no global
-RNG, so a cached copy is the model training would give on this machine and device, and
-every later step sees the same RNG state. The key hashes everything training reads; a
-copy that fails to load is trained again.
+Pre-training ResNet-18 on 10,000 synthetic images takes 45 s alone on a 2-core CPU,
+minutes beside other runs and over an hour at eight epochs (stop 44), and every cell of a
+grid that shares the model, seed and D_syn pre-trains the same weights. Training is seeded
+and draws from no global RNG, so a cached copy is the model training would give on this
+machine and device, and every later step sees the same RNG state. The key hashes
+everything training reads; a copy that fails to load is trained again.
 """
 
 from __future__ import annotations
