@@ -875,8 +875,9 @@ def test_a_named_class_whose_samples_the_bounds_do_not_flip_is_fitted_again_as_c
 
 def test_a_named_class_flipped_no_more_than_the_rest_of_the_cap_is_refuted() -> None:
     """`overrule_flip_lift_min` weighs the named class's flips against the other overruled
-    samples' (stops 42-45's round 1s). At the shipped 0.5: Fashion-MNIST's poison, 0.82
-    against 0.37, and CIFAR-10 IID's, 0.25 against 0.27 (which 1 refuted), stand; clean
+    samples' (stops 42-46's round 1s). At the shipped 0.4: Fashion-MNIST's poison, 0.82
+    against 0.37, and CIFAR-10's, 0.25 against 0.27 (IID, which 1 refuted) and 0.33
+    against 0.54 (Dirichlet: 0.62 times, near the old 0.5), stand; clean
     classes that flip far less than the rest (CIFAR-10's 0.07 against 0.27, Fashion-MNIST
     seed 1's 0 against 0.18) fall, as does one where nothing flipped (CIFAR-10's 5% cap),
     and one that flips more (0.44 against 0.24) falls only at 2. A cap with nothing beside
@@ -886,9 +887,10 @@ def test_a_named_class_flipped_no_more_than_the_rest_of_the_cap_is_refuted() -> 
     def flips(named: float, rest: float, gate_class: float = 5.0) -> dict[str, float]:
         return {"gate-class": gate_class, "overruled-class-agreement": named,
                 "overruled-rest-agreement": rest}
-    assert shipped.overrule_flip_lift_min == 0.5
+    assert shipped.overrule_flip_lift_min == 0.4
     assert not _refuted(flips(0.82, 0.37), shipped)
     assert not _refuted(flips(0.247, 0.267), shipped)
+    assert not _refuted(flips(0.333, 0.542), shipped)
     assert _refuted(flips(0.247, 0.267), replace(shipped, overrule_flip_lift_min=1.0))
     assert _refuted(flips(0.07, 0.27), shipped) and _refuted(flips(0.0, 0.18), shipped)
     assert _refuted(flips(0.0, 0.0), shipped)

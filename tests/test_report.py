@@ -120,7 +120,7 @@ def test_a_defense_run_shares_the_column_of_its_settings_undefended_run(tmp_path
 
 
 def test_a_whole_number_set_as_an_int_is_the_float_default(tmp_path):
-    """`--set bounds-overrule-flip-lift-min=1` against the default 1.0: one setting."""
+    """`--set lr=1` against a default 1.0: one setting."""
     make_run(tmp_path, "default", {"seed": 0, "lr": 1.0}, [0.1, 0.9], [0.0, 0.1])
     make_run(tmp_path, "set", {"seed": 1, "lr": 1}, [0.1, 0.7], [0.0, 0.1])
     table = summary_table(load_runs(tmp_path))
