@@ -100,7 +100,7 @@ def defense_step(config: ExperimentConfig, dataset, model_fn, syn, fusion: Fusio
         clean_x=to_float(dataset.train_x[public]),
         clean_y=torch.as_tensor(dataset.train_y[public]),
         ensemble_source=(lambda: fusion.last_ensemble_logits) if fusion else None,
-        trust_source=(lambda: fusion.unlearned) if fusion else None,
+        trust_source=(lambda: fusion.unlearned_share) if fusion else None,
     )
 
 
@@ -108,7 +108,7 @@ def server_steps(config: ExperimentConfig, dataset, model_fn, syn):
     """FM-FL fusion (None without it) and the post-fusion defense (None for "none").
 
     Each reads the other's latest output: the defense the ensemble logits fusion computed
-    and which of D_syn it unlearned, fusion (with `distill-relabel-target` or
+    and the share of D_syn it unlearned, fusion (with `distill-relabel-target` or
     `distill-unlearn-poison`) the target the defense's gate named.
     """
     fusion = Fusion(model_fn, *syn, fusion_settings(config),

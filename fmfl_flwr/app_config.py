@@ -75,7 +75,6 @@ def bound_settings(config: ExperimentConfig) -> BoundSettings:
                    overrule_flip_min=config.bounds_overrule_flip_min,
                    overrule_flip_lift_min=config.bounds_overrule_flip_lift_min,
                    overrule_gate_rounds=config.bounds_overrule_gate_rounds,
-                   trust_coverage_min=config.bounds_trust_coverage_min,
                    excuse_flips=config.bounds_excuse_flips,
                    gate_class_weight=config.bounds_gate_class_weight,
                    unsure_weight=config.bounds_unsure_weight,

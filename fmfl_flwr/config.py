@@ -134,10 +134,6 @@ class ExperimentConfig:
     # > 0: the last round whose gate may name a new target (D_syn's poison is there from
     # round 1; later, only the named class passes); 0: every round
     bounds_overrule_gate_rounds: int = field(default=1, metadata={"min": 0})
-    # > 0: after fusion unlearned a split smaller than the gate's finding, still trust the
-    # fused model where the split holds at least this share of the samples the gate
-    # overruled in the named class; 0: the share alone decides
-    bounds_trust_coverage_min: float = field(default=0.8, metadata={"min": 0.0, "max": 1.0})
     # > 0: drop from the fit the agreements last round's bounds flip, if >= this share of
     # them sit in one fused class (poison the client ensemble shares)
     bounds_excuse_flips: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
@@ -309,7 +305,6 @@ BEFORE_THE_KEY: dict[str, Any] = {
     "bounds-overrule-gate-rounds": 0,  # stop 40: any round's gate could name a new target
     "bounds-overrule-cap-halvings": 0,  # stop 41: the gate tested the whole cap alone
     "bounds-overrule-flip-lift-min": 0.0,  # stop 43: the gate did not weigh the fit's flips
-    "bounds-trust-coverage-min": 0.0,  # stop 47: trust asked only the split's share
 }
 
 

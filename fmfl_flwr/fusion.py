@@ -211,8 +211,8 @@ class Fusion:
     activation-bounds defense uses them as its clean reference under the FM threat. With
     `relabel_target` or `unlearn_poison`, `target_source` returns the class that defense
     named as a backdoor's target (`BoundsStep.named_target`, None while none is named);
-    `history` records what was relabelled or unlearned each round; `unlearned` marks
-    which of D_syn this round's fusion taught away from the target (None: none), which
+    `history` records what was relabelled or unlearned each round; `unlearned_share` is
+    the share of D_syn this round's fusion taught away from the target (0: none), which
     the defense reads to decide whether to trust the fused model (`BoundsStep`'s
     `trust_source`).
 
@@ -242,7 +242,7 @@ class Fusion:
         self.last_ensemble_logits: torch.Tensor | None = None
         self.suspected: torch.Tensor | None = None
         self.suspected_target = -1
-        self.unlearned: torch.Tensor | None = None
+        self.unlearned_share = 0.0
         self.last_fused: StateDict | None = None
         self.last_loss = float("nan")
         self.history: list[dict[str, float]] = []
@@ -259,7 +259,7 @@ class Fusion:
         stats: dict[str, float] = {}
         labels = self._labels(target, stats)
         unlearn = self._suspects(state, target, stats)
-        self.unlearned = unlearn
+        self.unlearned_share = stats.get("unlearned-share", 0.0)
         if stats:
             self.history.append({"round": float(server_round), **stats})
         torch.manual_seed(self.settings.seed * 7919 + server_round)

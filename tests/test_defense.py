@@ -955,11 +955,11 @@ def test_fusion_unlearns_the_poison_the_bounds_and_its_features_point_to(backdoo
         found[unlearn] = {
             "acc": (student(test_x).argmax(1) == test_y).float().mean().item(),
             "asr": (student(CORNER.stamp(others)).argmax(1) == 0).float().mean().item(),
-            "suspected": fusion.suspected, "unlearned": fusion.unlearned}
+            "suspected": fusion.suspected, "unlearned": fusion.unlearned_share}
     suspected = found[True]["suspected"]
     assert found[False]["suspected"] is None
-    assert found[True]["unlearned"] is suspected and suspected.any()
-    assert found[False]["unlearned"] is None
+    assert found[True]["unlearned"] == suspected.float().mean().item() > 0
+    assert found[False]["unlearned"] == 0.0
     assert poison[suspected].float().mean() > 0.9 and suspected[poison].float().mean() > 0.5
     # a later aggregate without the backdoor, served with the same bounds: the split found
     # while the trigger was there is kept, not redone on what the bounds flip now
@@ -1040,16 +1040,14 @@ def test_the_split_is_sought_on_the_model_last_served_not_the_aggregate(backdoor
 
 def test_bounds_trust_a_fused_model_only_where_fusion_unlearned_what_the_gate_saw(
         backdoored) -> None:
-    """The gate names the target on the backdoored model, overrules the cap and keeps which
-    of D_syn it overruled there (the poison). Next round, a fusion whose split
-    (`trust_source`) reaches the gate's finding, or holds `trust_coverage_min` of those
-    samples, gets MM-BM's reference (nothing overruled); one that does neither gets the
-    cap overruled even where the gate's share would not pass."""
+    """The gate names the target on the backdoored model and overrules the cap. Next
+    round, a fusion that unlearned at least the gate's finding (`trust_source`) gets
+    MM-BM's reference (nothing overruled); one that unlearned less gets the cap overruled
+    even where the gate's share would not pass."""
     model, images, ensemble = backdoored
     _, labels = poisoned_task()
-    poison = (task(900)[1] != 0) & (torch.arange(900) % 5 == 0)
     state = dict(model.state_dict())
-    unlearned: list[torch.Tensor | None] = [None]
+    unlearned = [0.0]
     step = make_defense("activation-bounds", tiny, images, labels,
                         BoundSettings(epochs=2, granularity="neuron"),
                         ensemble_source=lambda: ensemble, trust_source=lambda: unlearned[0])
@@ -1057,29 +1055,14 @@ def test_bounds_trust_a_fused_model_only_where_fusion_unlearned_what_the_gate_sa
     first = step.history[-1]
     assert first["gate-class"] == 0 and step.named_target == 0
     assert step.gate_finding == first["cap-top-class-share"] * first["overruled-share"] > 0.1
-    overruled = step.gate_overruled[0]
-    assert overruled.float().mean().item() == pytest.approx(step.gate_finding)
-    assert poison[overruled].float().mean() > 0.9  # D_syn's indices, through the subset
-    at = overruled.nonzero().flatten()
-
-    def fit_after(split: torch.Tensor) -> dict[str, float]:
-        unlearned[0] = split
-        step(len(step.history) + 1, state, [], [])
-        return step.history[-1]
-
-    half, most = torch.zeros(900, dtype=torch.bool), torch.zeros(900, dtype=torch.bool)
-    half[at[: len(at) // 2]], most[at[: len(at) * 9 // 10]] = True, True
-    broad = fit_after(half | ~overruled)  # reaches the finding, holds half the overruled
-    assert broad["overruled-share"] == 0 and broad["gate-class"] == -1
-    assert broad["trust-coverage"] == pytest.approx(0.5, abs=0.01)
-    covering = fit_after(most)  # under the finding, holds 90% of the overruled
-    assert covering["overruled-share"] == 0 and covering["trust-coverage"] >= 0.89
-    missing = fit_after(half)  # under the finding, holds half
-    assert missing["overruled-share"] == first["overruled-share"]
-    assert missing["gate-forced"] == 1 and first["gate-forced"] == 0
+    unlearned[0] = step.gate_finding
+    step(2, state, [], [])
+    assert step.history[-1]["overruled-share"] == 0 and step.history[-1]["gate-class"] == -1
+    unlearned[0] = step.gate_finding / 2
+    step(3, state, [], [])
+    assert step.history[-1]["overruled-share"] == first["overruled-share"]
+    assert step.history[-1]["gate-forced"] == 1 and first["gate-forced"] == 0
     assert step.named_target == 0
-    step.settings = replace(step.settings, trust_coverage_min=0.0)  # the share alone
-    assert fit_after(most)["gate-forced"] == 1
 
 
 def test_the_gate_finding_is_the_most_the_gate_overruled_in_the_named_class() -> None:
@@ -1141,24 +1124,12 @@ def test_past_its_rounds_the_gate_names_no_new_target() -> None:
 
 
 def test_after_unlearning_the_fit_trusts_or_overrules_by_what_the_gate_saw() -> None:
-    """Trusted where the split reaches the finding or holds `trust_coverage_min` of the
-    gate's overruled samples (stop 47: CIFAR-10 Dirichlet seed 1's 18.36% under 19.4%)."""
     settings = BoundSettings(overrule_gate=0.5)
-    nan = float("nan")
-    trusted = replace(settings, objective="mm-bm")
-    forced = replace(settings, overrule_gate=0.0)
-    assert settings.trust_coverage_min == 0.8
-    assert settings_after_unlearning(settings, 0.0, 0.15, 1.0) == settings
-    assert settings_after_unlearning(settings, 0.18, 0.15, nan) == trusted
-    assert settings_after_unlearning(settings, 0.18, 0.15, 0.1) == trusted
-    assert settings_after_unlearning(settings, 0.06, 0.15, nan) == forced
-    assert settings_after_unlearning(settings, 0.06, 0.15, 0.79) == forced
-    assert settings_after_unlearning(settings, 0.1836, 0.194, 0.8) == trusted
-    share_alone = replace(settings, trust_coverage_min=0.0)
-    assert settings_after_unlearning(share_alone, 0.1836, 0.194, 1.0) == replace(
-        share_alone, overrule_gate=0.0)
-    with pytest.raises(ValueError, match="trust-coverage-min=1.5"):
-        BoundSettings(trust_coverage_min=1.5)
+    assert settings_after_unlearning(settings, 0.0, 0.15) == settings
+    assert settings_after_unlearning(settings, 0.18, 0.15) == replace(settings,
+                                                                       objective="mm-bm")
+    assert settings_after_unlearning(settings, 0.06, 0.15) == replace(settings,
+                                                                       overrule_gate=0.0)
 
 
 def test_suspected_poison_is_what_sits_with_the_samples_the_bounds_flip() -> None:

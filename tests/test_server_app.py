@@ -134,7 +134,7 @@ def test_fusion_runs_beside_defenses_that_name_no_target(defense):
     fusion, _ = server_app.server_steps(config, _tiny_dataset(), _tiny, syn)
     state = _tiny().state_dict()
     fused = fusion(1, state, [state, state], [1.0, 1.0])
-    assert fused.keys() == state.keys() and fusion.history == [] and fusion.unlearned is None
+    assert fused.keys() == state.keys() and fusion.history == [] and fusion.unlearned_share == 0
 
 
 def _tiny():
@@ -155,7 +155,7 @@ def _tiny_dataset():
 
 
 def test_the_defense_reads_what_fusion_unlearned():
-    """The bounds step reads `Fusion.unlearned` each round (its `trust_source`)."""
+    """The bounds step reads `Fusion.unlearned_share` each round (its `trust_source`)."""
     import torch
 
     from fmfl_flwr.app_config import parse_app_config
@@ -165,6 +165,6 @@ def test_the_defense_reads_what_fusion_unlearned():
                                "distill-unlearn-poison": True})
     syn = (torch.rand(20, 1, 4, 4), torch.randint(0, 3, (20,)))
     fusion, defense = server_app.server_steps(config, _tiny_dataset(), _tiny, syn)
-    assert defense.trust_source() is None
-    fusion.unlearned = torch.arange(20) < 4
-    assert defense.trust_source() is fusion.unlearned
+    assert defense.trust_source() == 0.0
+    fusion.unlearned_share = 0.18
+    assert defense.trust_source() == 0.18

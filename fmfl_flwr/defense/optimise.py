@@ -141,13 +141,6 @@ class BoundSettings:
     # named the target in every attacked run; clean classes filled the cap in rounds 3 and
     # 6, as the fused model outgrew its non-IID clients (docs/defense.md, stop 40)
     overrule_gate_rounds: int = 1
-    # > 0: after fusion unlearned a split smaller than the gate's finding, still trust the
-    # fused model (MM-BM's reference) where the split holds at least this share of the
-    # samples the gate overruled in the named class: the finding counts that class's clean
-    # disagreements too (CIFAR-10 Dirichlet seed 1: a split of 18.36% under a finding of
-    # 19.4% forced every later fit, stop 36); a split that misses the poison holds few of
-    # them (`BoundsStep`, docs/defense.md, stop 47)
-    trust_coverage_min: float = 0.8
     # the classes this round's gate may name (None: any); `BoundsStep` sets it from
     # `overrule_gate_rounds` and the target already named
     gate_classes: tuple[int, ...] | None = None
@@ -211,9 +204,6 @@ class BoundSettings:
         if self.overrule_flip_lift_min < 0.0:
             raise ValueError(f"bounds overrule-flip-lift-min={self.overrule_flip_lift_min!r}"
                              " must be >= 0")
-        if not 0.0 <= self.trust_coverage_min <= 1.0:
-            raise ValueError(f"bounds trust-coverage-min={self.trust_coverage_min!r}"
-                             " must be in [0, 1]")
         if self.overrule_gate_rounds < 0:
             raise ValueError(
                 f"bounds overrule-gate-rounds={self.overrule_gate_rounds!r} must be >= 0")
@@ -410,48 +400,22 @@ def optimise_bounds(
     last round's bounds and penalty. The model ends with the returned bounds set. Its
     weights are never changed. Returns (bounds keyed as in the state dict, stats).
     """
-    fit = fit_bounds(model, images, labels, ensemble_logits, settings, warm_start, c)
-    return fit.bounds, fit.stats
-
-
-@dataclass
-class BoundFit:
-    """`fit_bounds`' result: the bounds, their stats, and which of the images the fit
-    overruled in the class its gate named (none where no gate passed)."""
-
-    bounds: dict[str, torch.Tensor]
-    stats: dict[str, float]
-    gate_overruled: torch.Tensor
-
-
-def fit_bounds(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    ensemble_logits: torch.Tensor | None = None,
-    settings: BoundSettings | None = None,
-    warm_start: dict[str, torch.Tensor] | None = None,
-    c: float | None = None,
-) -> BoundFit:
-    """`optimise_bounds`, keeping the samples its gate overruled (`BoundsStep`'s trust)."""
     settings = settings or BoundSettings()
     if not bounded_layers(model):
         raise ValueError("the model has no bounds; call attach_bounds(model) first")
     del labels  # the synthetic labels may be poisoned: the targets come from the models
     with weights_frozen(model):
-        fit = _fit_bounds(model, images, ensemble_logits, settings, warm_start, c)
-        if not _refuted(fit.stats, settings):
-            fit.stats.update({"refuted-class": -1.0, "refuted-flips": float("nan"),
-                              "refuted-rest-flips": float("nan")})
-            return fit
+        bounds, stats = _fit_bounds(model, images, ensemble_logits, settings, warm_start, c)
+        if not _refuted(stats, settings):
+            return bounds, {**stats, "refuted-class": -1.0, "refuted-flips": float("nan"),
+                            "refuted-rest-flips": float("nan")}
         # the capped samples resisted the bounds: a clean class, fitted again as one
         closed = replace(settings, gate_classes=())
-        refit = _fit_bounds(model, images, ensemble_logits, closed, warm_start, c)
-    refit.stats.update({"time": fit.stats["time"] + refit.stats["time"],
-                        "refuted-class": fit.stats["gate-class"],
-                        "refuted-flips": fit.stats["overruled-class-agreement"],
-                        "refuted-rest-flips": fit.stats["overruled-rest-agreement"]})
-    return refit
+        bounds, refit = _fit_bounds(model, images, ensemble_logits, closed, warm_start, c)
+    return bounds, {**refit, "time": stats["time"] + refit["time"],
+                    "refuted-class": stats["gate-class"],
+                    "refuted-flips": stats["overruled-class-agreement"],
+                    "refuted-rest-flips": stats["overruled-rest-agreement"]}
 
 
 def _refuted(stats: dict[str, float], settings: BoundSettings) -> bool:
@@ -474,17 +438,15 @@ def _fit_bounds(
     settings: BoundSettings,
     warm_start: dict[str, torch.Tensor] | None,
     c: float | None,
-) -> BoundFit:
-    """`fit_bounds`' fit, its model's weights frozen."""
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """`optimise_bounds`' fit, its model's weights frozen."""
     started = time.perf_counter()
     layers = bounded_layers(model)
     model.eval()
     generator = seeded_generator(settings.seed)
-    num_given = len(images)
-    given = torch.arange(num_given)  # the images the fit keeps, as indices into those given
     if len(images) > settings.max_samples:
         subset = torch.randperm(len(images), generator=generator)[: settings.max_samples]
-        images, given = images[subset], given[subset]
+        images = images[subset]
         ensemble_logits = None if ensemble_logits is None else ensemble_logits[subset]
     with bounds_disabled(model):
         fused_logits = predict_logits(model, images, device=torch.device("cpu"))
@@ -599,8 +561,6 @@ def _fit_bounds(
     final, (kept, fixed, excused), checks = _verified(
         model, images, reference, [(best[1], None), *good], settings, trim
     )
-    named = reference.overruled[:reference_size] & (fused_logits.argmax(1)
-                                                    == reference.gate_class)
     stats = {
         "time": time.perf_counter() - started,
         "epochs": float(epochs_run),
@@ -609,7 +569,7 @@ def _fit_bounds(
         "start-agreement": start_agreement,
         "collapses": float(collapses),
         "overruled-agreement": fixed,
-        **_class_flips(model, images[:reference_size], reference, named),
+        **_class_flips(model, images[:reference_size], reference, fused_logits),
         "overruled-share": overruled_share,
         "capped-share": reference.capped_share,
         "cap-top-class-share": reference.cap_top_class_share,
@@ -630,23 +590,21 @@ def _fit_bounds(
         "bound-norm": norm_penalty(list(final.values()), settings.norm).item(),
         **inversion,
     }
-    gate_overruled = torch.zeros(num_given, dtype=torch.bool)
-    gate_overruled[given[named]] = True
-    return BoundFit(final, stats, gate_overruled)
+    return final, stats
 
 
 def _class_flips(model: nn.Module, images: torch.Tensor, reference: Reference,
-                 named: torch.Tensor) -> dict[str, float]:
-    """Of the overruled samples in the gate's class (`named`) and of the other overruled
-    ones, the shares the bounded `model` gives the client ensemble's class (nan where
-    there are none): a trigger's samples flip once the bounds cut it; a clean class's may
-    not."""
+                 fused_logits: torch.Tensor) -> dict[str, float]:
+    """Of the overruled samples in the gate's class and of the other overruled ones, the
+    shares the bounded `model` gives the client ensemble's class (nan where there are
+    none): a trigger's samples flip once the bounds cut it; a clean class's may not."""
     overruled = reference.overruled[: len(images)]
     if not overruled.any():
         return {"overruled-class-agreement": float("nan"),
                 "overruled-rest-agreement": float("nan")}
     predicted = predict_logits(model, images, device=torch.device("cpu")).argmax(1)
     hits = predicted == reference.target_logits[: len(images)].argmax(1)
+    named = overruled & (fused_logits.argmax(1) == reference.gate_class)
 
     def share(chosen: torch.Tensor) -> float:
         return hits[chosen].float().mean().item() if chosen.any() else float("nan")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fmfl_flwr.defense.bounds import attach_bounds, load_state_with_bounds
-from fmfl_flwr.defense.optimise import BoundSettings, fit_bounds
+from fmfl_flwr.defense.optimise import BoundSettings, optimise_bounds
 from fmfl_flwr.defense.pruning import prune_dormant
 from fmfl_flwr.registry import Registry
 from fmfl_flwr.training import predict_logits
@@ -54,16 +54,13 @@ def round_subset(num_samples: int, settings: BoundSettings, server_round: int) -
 
 
 def settings_after_unlearning(settings: BoundSettings, unlearned: float,
-                              gate_finding: float, coverage: float) -> BoundSettings:
+                              gate_finding: float) -> BoundSettings:
     """The round's fit settings once fusion taught `unlearned` of D_syn away from the named
-    target: trusted (MM-BM's reference) where that covers `gate_finding`, or where the
-    unlearned split holds `coverage` >= `trust_coverage_min` of the samples the gate
-    overruled in that class (nan: not known); the cap overruled whatever the gate's share
-    where neither holds; unchanged where nothing was unlearned."""
+    target: trusted (MM-BM's reference) where that covers `gate_finding`, the cap overruled
+    whatever the gate's share where it does not, unchanged where nothing was unlearned."""
     if unlearned <= 0:
         return settings
-    covered = settings.trust_coverage_min > 0 and coverage >= settings.trust_coverage_min
-    if unlearned >= gate_finding or covered:
+    if unlearned >= gate_finding:
         return _with(settings, "mm-bm")
     return replace(settings, overrule_gate=0.0)
 
@@ -75,20 +72,17 @@ class BoundsStep:
     fusion already computed them (`Fusion.last_ensemble_logits`); else they are computed
     here from the client states, on the round's subset only.
 
-    `trust_source` returns which of D_syn fusion taught away from the named target this
-    round (`Fusion.unlearned`, None: none). A share that covers the most the gate
+    `trust_source` returns the share of D_syn fusion taught away from the named target this
+    round (`Fusion.unlearned_share`, 0: none). A share that covers the most the gate
     overruled in that class (`gate_finding`) means fusion has removed the poison: the
     fused model is trusted, MM-BM's reference; overruling it again is the non-IID
     ensemble's errors at work (stop 28: a gate passing at 52% cost 3 points of ACC on a
-    fused model at 0.1% ASR). So does a smaller split that holds the samples the gate
-    overruled there (`gate_overruled`, `trust-coverage`): the finding counts the class's
-    clean disagreements too. A split that is smaller and misses them leaves the backdoor
-    in the fused model (CIFAR-10, stop 28: 6-8% of D_syn, 78-90% ASR when trusted): the
-    cap is overruled every round, whatever the gate's share says.
+    fused model at 0.1% ASR). A smaller share leaves the backdoor in the fused model
+    (CIFAR-10, stop 28: 6-8% of D_syn, 78-90% ASR when trusted): the cap is overruled
+    every round, whatever the gate's share says.
     """
 
-    # kept by checkpoints
-    RESUMED = ("last_bounds", "last_c", "history", "gate_overruled")
+    RESUMED = ("last_bounds", "last_c", "history")  # kept by checkpoints
 
     def __init__(
         self,
@@ -99,7 +93,7 @@ class BoundsStep:
         layers: list[str] | None = None,
         use_ensemble: bool = True,
         ensemble_source: Callable[[], torch.Tensor | None] | None = None,
-        trust_source: Callable[[], torch.Tensor | None] | None = None,
+        trust_source: Callable[[], float] | None = None,
     ) -> None:
         self.build_model = build_model
         self.images, self.labels = images, labels
@@ -111,8 +105,6 @@ class BoundsStep:
         self.last_bounds: StateDict | None = None
         self.last_c: float | None = None
         self.history: list[dict[str, float]] = []
-        # per class a gate overruled: which of D_syn it overruled there, over every round
-        self.gate_overruled: dict[int, torch.Tensor] = {}
 
     def __call__(
         self,
@@ -133,35 +125,18 @@ class BoundsStep:
                 teacher = shared[subset]
             elif client_states:
                 teacher = ensemble_logits(self.build_model, client_states, images)
-        unlearned = self.trust_source() if self.trust_source is not None else None
-        share = 0.0 if unlearned is None else unlearned.float().mean().item()
-        coverage = self.trust_coverage(unlearned)
-        settings = settings_after_unlearning(self.settings, share, self.gate_finding, coverage)
+        unlearned = self.trust_source() if self.trust_source is not None else 0.0
+        settings = settings_after_unlearning(self.settings, unlearned, self.gate_finding)
         settings = replace(settings, gate_classes=self.nameable_classes(server_round))
-        fit = fit_bounds(model, images, labels, teacher, settings, self.last_bounds, self.last_c)
-        stats = {**fit.stats, "trust-coverage": coverage}
-        self.last_bounds, self.last_c = fit.bounds, stats["c"]
-        if stats["gate-class"] >= 0:
-            self._keep_overruled(int(stats["gate-class"]), subset[fit.gate_overruled])
+        bounds, stats = optimise_bounds(
+            model, images, labels, teacher, settings, self.last_bounds, self.last_c
+        )
+        self.last_bounds, self.last_c = bounds, stats["c"]
         # a round forced to overrule the cap (the gate's test skipped) names no target
         stats["gate-forced"] = float(settings.overrule_gate < self.settings.overrule_gate)
         stats["step-time"] = time.perf_counter() - started
         self.history.append({"round": float(server_round), **stats})
         return dict(model.state_dict())
-
-    def trust_coverage(self, unlearned: torch.Tensor | None) -> float:
-        """The share of the samples the gate overruled in the named class that `unlearned`
-        (a mask over D_syn) holds; nan where either is not known."""
-        overruled = self.gate_overruled.get(self.named_target)
-        if unlearned is None or overruled is None or not overruled.any():
-            return float("nan")
-        return unlearned[overruled].float().mean().item()
-
-    def _keep_overruled(self, gate_class: int, indices: torch.Tensor) -> None:
-        kept = self.gate_overruled.get(gate_class)
-        if kept is None:
-            kept = self.gate_overruled[gate_class] = torch.zeros(len(self.images), dtype=torch.bool)
-        kept[indices] = True
 
     def nameable_classes(self, server_round: int) -> tuple[int, ...] | None:
         """The classes `server_round`'s gate may name: any (None) up to the setting's
@@ -291,7 +266,7 @@ def make_defense(
     clean_x: torch.Tensor | None = None,
     clean_y: torch.Tensor | None = None,
     ensemble_source: Callable[[], torch.Tensor | None] | None = None,
-    trust_source: Callable[[], torch.Tensor | None] | None = None,
+    trust_source: Callable[[], float] | None = None,
 ) -> ServerStep | None:
     """The post-fusion step called `name` (None for "none"); a wrong name lists the valid.
 
