@@ -1,0 +1,60 @@
+"""Does a fused model's lean on one class show on D_syn, where the server could see it?
+
+A CIFAR-10 fused model can send 41% of the real test set to one clean class (Dirichlet
+seed 1, round 3, stop 47), and the bounds' overrule then wins ACC back. The server has
+no real data: a test that overrules only where the fused model leans would have to read
+the lean off D_syn. One row per run: the share of predictions per class of the fused
+model (bounds off) and of the served model on the real test set, and of the fused model
+on the run's D_syn (loaded from the cache, else generated as the run did) beside D_syn's
+label shares. Diagnosis only: no setting is chosen by it.
+
+    python bench/syn_lean.py results/c10-dir-s1/attack-dirichlet-bounds \
+        --data-dir ../shared/datasets --out bench/results/syn_lean_cifar10.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from class_recall import class_scores  # the sibling bench's per-class scores
+from served_vs_fused import load_run, run_over_runs
+
+from fmfl_flwr.data import to_float
+from fmfl_flwr.defense.bounds import bounds_disabled
+from fmfl_flwr.training import predict_logits
+from server_app import synthetic_data
+
+
+def measure(run_dir: Path, data_dir: str, checkpoint: str = "") -> dict:
+    config, dataset, commit, model = load_run(run_dir, data_dir, checkpoint)
+    model.eval()
+    classes = dataset.num_classes
+    test_x, test_y = to_float(dataset.test_x), torch.as_tensor(dataset.test_y)
+    syn_x, syn_y = synthetic_data(config)
+    served = predict_logits(model, test_x).argmax(1)
+    with bounds_disabled(model):
+        fused = predict_logits(model, test_x).argmax(1)
+        fused_syn = predict_logits(model, syn_x).argmax(1)
+    return {"run": str(run_dir), "checkpoint": checkpoint or None, "git_commit": commit,
+            "served-test": class_scores(served, test_y, classes),
+            "unbounded-test": class_scores(fused, test_y, classes),
+            "unbounded-syn": class_scores(fused_syn, syn_y, classes),
+            "syn-label-share": [100 * (syn_y == c).float().mean().item()
+                                for c in range(classes)]}
+
+
+def main() -> None:
+    def line(run_dir: Path, row: dict) -> str:
+        test = row["unbounded-test"]["predicted-share"]
+        syn = row["unbounded-syn"]["predicted-share"]
+        top = max(range(len(test)), key=test.__getitem__)
+        return (f"{run_dir.name}: fused model's top test class {top} at {test[top]:.1f}% of "
+                f"test predictions, {syn[top]:.1f}% of D_syn's; D_syn's largest "
+                f"{max(syn):.1f}%")
+
+    run_over_runs(__doc__.splitlines()[0], measure, line, "real test set and the run's D_syn")
+
+
+if __name__ == "__main__":
+    main()
