@@ -26,22 +26,28 @@ from fmfl_flwr.training import predict_logits
 from server_app import synthetic_data
 
 
-def measure(run_dir: Path, data_dir: str, checkpoint: str = "") -> dict:
-    config, dataset, commit, model = load_run(run_dir, data_dir, checkpoint)
+def lean_scores(model: torch.nn.Module, test_x: torch.Tensor, test_y: torch.Tensor,
+                syn_x: torch.Tensor, syn_y: torch.Tensor, classes: int) -> dict:
+    """Per-class scores of the served model on the test set, and of the fused model (its
+    bounds off) on the test set and on D_syn, beside D_syn's label shares (%)."""
     model.eval()
-    classes = dataset.num_classes
-    test_x, test_y = to_float(dataset.test_x), torch.as_tensor(dataset.test_y)
-    syn_x, syn_y = synthetic_data(config)
     served = predict_logits(model, test_x).argmax(1)
     with bounds_disabled(model):
         fused = predict_logits(model, test_x).argmax(1)
         fused_syn = predict_logits(model, syn_x).argmax(1)
-    return {"run": str(run_dir), "checkpoint": checkpoint or None, "git_commit": commit,
-            "served-test": class_scores(served, test_y, classes),
+    return {"served-test": class_scores(served, test_y, classes),
             "unbounded-test": class_scores(fused, test_y, classes),
             "unbounded-syn": class_scores(fused_syn, syn_y, classes),
-            "syn-label-share": [100 * (syn_y == c).float().mean().item()
-                                for c in range(classes)]}
+            "syn-label-share": class_scores(syn_y, syn_y, classes)["predicted-share"]}
+
+
+def measure(run_dir: Path, data_dir: str, checkpoint: str = "") -> dict:
+    config, dataset, commit, model = load_run(run_dir, data_dir, checkpoint)
+    syn_x, syn_y = synthetic_data(config)
+    scores = lean_scores(model, to_float(dataset.test_x), torch.as_tensor(dataset.test_y),
+                         syn_x, syn_y, dataset.num_classes)
+    return {"run": str(run_dir), "checkpoint": checkpoint or None, "git_commit": commit,
+            **scores}
 
 
 def main() -> None:
