@@ -33,17 +33,24 @@ def class_scores(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int
     }
 
 
-def measure(run_dir: Path, data_dir: str, checkpoint: str = "") -> dict:
-    config, dataset, commit, model = load_run(run_dir, data_dir, checkpoint)
+def served_and_unbounded(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                         num_classes: int) -> dict:
+    """`class_scores` of the served model and of the same with its bounds off (the fused
+    model), keys "served" and "unbounded"."""
     model.eval()
-    images, labels = to_float(dataset.test_x), torch.as_tensor(dataset.test_y)
     served = predict_logits(model, images).argmax(1)
     with bounds_disabled(model):
         fused = predict_logits(model, images).argmax(1)
+    return {"served": class_scores(served, labels, num_classes),
+            "unbounded": class_scores(fused, labels, num_classes)}
+
+
+def measure(run_dir: Path, data_dir: str, checkpoint: str = "") -> dict:
+    config, dataset, commit, model = load_run(run_dir, data_dir, checkpoint)
+    images, labels = to_float(dataset.test_x), torch.as_tensor(dataset.test_y)
     return {"run": str(run_dir), "checkpoint": checkpoint or None, "git_commit": commit,
             "target-label": config.target_label,
-            "served": class_scores(served, labels, dataset.num_classes),
-            "unbounded": class_scores(fused, labels, dataset.num_classes)}
+            **served_and_unbounded(model, images, labels, dataset.num_classes)}
 
 
 def main() -> None:

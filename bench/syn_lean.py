@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from class_recall import class_scores  # the sibling bench's per-class scores
+from class_recall import class_scores, served_and_unbounded  # the sibling bench's scores
 from served_vs_fused import load_run, run_over_runs
 
 from fmfl_flwr.data import to_float
@@ -30,13 +30,10 @@ def lean_scores(model: torch.nn.Module, test_x: torch.Tensor, test_y: torch.Tens
                 syn_x: torch.Tensor, syn_y: torch.Tensor, classes: int) -> dict:
     """Per-class scores of the served model on the test set, and of the fused model (its
     bounds off) on the test set and on D_syn, beside D_syn's label shares (%)."""
-    model.eval()
-    served = predict_logits(model, test_x).argmax(1)
+    test = served_and_unbounded(model, test_x, test_y, classes)
     with bounds_disabled(model):
-        fused = predict_logits(model, test_x).argmax(1)
         fused_syn = predict_logits(model, syn_x).argmax(1)
-    return {"served-test": class_scores(served, test_y, classes),
-            "unbounded-test": class_scores(fused, test_y, classes),
+    return {"served-test": test["served"], "unbounded-test": test["unbounded"],
             "unbounded-syn": class_scores(fused_syn, syn_y, classes),
             "syn-label-share": class_scores(syn_y, syn_y, classes)["predicted-share"]}
 
