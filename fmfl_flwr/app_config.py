@@ -51,7 +51,8 @@ def fusion_settings(config: ExperimentConfig) -> FusionSettings:
                           relabel_cap=config.bounds_overrule_cap,
                           unlearn_poison=config.distill_unlearn_poison and
                           config.defense == "activation-bounds",
-                          unlearn_to_teacher=config.distill_unlearn_teacher)
+                          unlearn_to_teacher=config.distill_unlearn_teacher,
+                          pretrain_lr_schedule=config.pretrain_lr_schedule)
 
 
 def bound_settings(config: ExperimentConfig) -> BoundSettings:

@@ -16,6 +16,7 @@ from fmfl_flwr.data import DATASETS
 from fmfl_flwr.defense.objectives import OVERRULE_RANKS
 from fmfl_flwr.models import MODELS
 from fmfl_flwr.partition import PARTITIONS
+from fmfl_flwr.training import LR_SCHEDULES
 
 FM_ATTACKS = ("none", "poisoned-pipeline", "poisoned-weights")
 CLIENT_ATTACKS = ("none", "badnets", "blended", "dba", "scaling")
@@ -61,6 +62,7 @@ class ExperimentConfig:
     fm_steps: int = field(default=10, metadata={"min": 1})
     syn_per_class: int = field(default=1000, metadata={"min": 1})
     pretrain_epochs: int = field(default=2, metadata={"min": 0})
+    pretrain_lr_schedule: str = field(default="constant", metadata=_choices(*LR_SCHEDULES))
     distill_epochs: int = field(default=1, metadata={"min": 0})
     distill_alpha: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
     distill_tau: float = field(default=2.0, metadata={"min_exclusive": 0.0})

@@ -55,6 +55,7 @@ class FusionSettings:
     relabel_cap: float = 1.0  # at most this share of D_syn relabelled (the bounds' overrule cap)
     unlearn_poison: bool = False  # the named target's suspected poison taught away from it
     unlearn_to_teacher: bool = False  # ... and toward the teacher's other classes
+    pretrain_lr_schedule: str = "constant"  # or "cosine": the rate annealed to 0
 
 
 def pretrain(model: nn.Module, syn_x: torch.Tensor, syn_y: torch.Tensor,
@@ -64,7 +65,8 @@ def pretrain(model: nn.Module, syn_x: torch.Tensor, syn_y: torch.Tensor,
     `on_epoch(epoch, loss)` after each epoch (minutes each for CIFAR-10 on a CPU)."""
     if settings.pretrain_epochs:
         train_epochs(model, syn_x, syn_y, settings.pretrain_epochs, settings.batch_size,
-                     lr=PRETRAIN_LR, seed=settings.seed, on_epoch=on_epoch)
+                     lr=PRETRAIN_LR, seed=settings.seed, on_epoch=on_epoch,
+                     lr_schedule=settings.pretrain_lr_schedule)
 
 
 def ensemble_logits(model: nn.Module, client_states: list[StateDict],

@@ -43,6 +43,7 @@ def pretrain_key(model: nn.Module, syn_x: torch.Tensor, syn_y: torch.Tensor,
     sha.update(json.dumps({
         "epochs": settings.pretrain_epochs, "batch_size": settings.batch_size,
         "seed": settings.seed, "lr": PRETRAIN_LR, "torch": torch.__version__,
+        "lr_schedule": settings.pretrain_lr_schedule,
         "device": default_device().type,
     }, sort_keys=True).encode())
     return sha.hexdigest()[:32]

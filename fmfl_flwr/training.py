@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 def default_device() -> torch.device:
     """The GPU when one is visible, else the CPU; never assume either."""
@@ -21,10 +23,12 @@ def seeded_generator(seed: int) -> torch.Generator:
 def minimise(optimiser: torch.optim.Optimizer, num_samples: int, epochs: int,
              batch_size: int, seed: int,
              batch_loss: Callable[[torch.Tensor], torch.Tensor],
-             on_epoch: Callable[[int, float], None] | None = None) -> float:
+             on_epoch: Callable[[int, float], None] | None = None,
+             scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
     """`epochs` passes of seeded shuffled mini-batches (index tensors); the mean loss.
 
-    `on_epoch(epoch, mean loss of that epoch)` follows each pass (progress of long jobs).
+    `on_epoch(epoch, mean loss of that epoch)` follows each pass (progress of long jobs);
+    `scheduler`, if any, steps after every optimiser step.
     """
     generator = seeded_generator(seed)
     total, count = 0.0, 0
@@ -37,6 +41,8 @@ def minimise(optimiser: torch.optim.Optimizer, num_samples: int, epochs: int,
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            if scheduler is not None:
+                scheduler.step()
             total += loss.item() * len(batch)
             count += len(batch)
         if on_epoch is not None:
@@ -58,8 +64,12 @@ def train_epochs(
     teacher_logits: torch.Tensor | None = None,
     teacher_weight: float = 0.0,
     on_epoch: Callable[[int, float], None] | None = None,
+    lr_schedule: str = "constant",
 ) -> float:
     """SGD over (images, labels) in seeded shuffled mini-batches; returns the mean loss.
+
+    `lr_schedule` "cosine" anneals the rate to 0 over all the steps (`LR_SCHEDULES`), so the
+    last steps settle the model instead of leaving it where a full-rate step put it.
 
     With `teacher_logits` (one row per image), each batch adds `teacher_weight` times the
     KL divergence of the model's softmax from the teacher's: what a client keeps of the
@@ -79,7 +89,18 @@ def train_epochs(
                 logits.log_softmax(1), teacher_probs[batch].to(device), reduction="batchmean")
         return loss
 
-    return minimise(optimiser, len(images), epochs, batch_size, seed, batch_loss, on_epoch)
+    return minimise(optimiser, len(images), epochs, batch_size, seed, batch_loss, on_epoch,
+                    lr_scheduler(optimiser, lr_schedule, epochs * -(-len(images) // batch_size)))
+
+
+def lr_scheduler(optimiser: torch.optim.Optimizer, schedule: str,
+                 steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The torch scheduler of a `LR_SCHEDULES` name over `steps` optimiser steps."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"learning-rate schedule {schedule!r}: expected one of {LR_SCHEDULES}")
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(steps, 1))
+    return None
 
 
 @torch.no_grad()

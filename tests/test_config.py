@@ -31,6 +31,8 @@ def test_defaults_match_pyproject_run_config():
         ("num-server-rounds", 2.5, "num-server-rounds=2.5: expected an integer"),
         ("client-attack", "trojan", "client-attack='trojan' is not known"),
         ("attack-rounds", "a-b", "attack-rounds='a-b'"),
+        ("pretrain-lr-schedule", "step",
+         "pretrain-lr-schedule='step' is not known; accepted: constant, cosine"),
     ],
 )
 def test_bad_values_name_key_value_and_choices(key, value, expected):

@@ -1,11 +1,14 @@
 """FM-FL fusion on plain tensors: pre-training and ensemble distillation."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
 from fmfl_flwr.defense import attach_bounds, bound_keys
 from fmfl_flwr.fusion import (
+    PRETRAIN_LR,
     Fusion,
     FusionSettings,
     distill,
@@ -70,6 +73,30 @@ def test_pretraining_reports_each_epoch_and_trains_as_without_the_report():
     assert [epoch for epoch, _ in epochs] == [1, 2, 3]
     assert all(loss > 0 for _, loss in epochs) and epochs[-1][1] < epochs[0][1]
     assert all(torch.equal(quiet.state_dict()[k], v) for k, v in reported.state_dict().items())
+
+
+def test_cosine_pretraining_anneals_the_rate_to_zero_by_its_last_step(monkeypatch):
+    x, y = _data(100)
+    settings = FusionSettings(pretrain_epochs=2, batch_size=32, pretrain_lr_schedule="cosine")
+    rates = []
+    step = torch.optim.SGD.step
+
+    def recording_step(optimiser, *args, **kwargs):
+        rates.append(optimiser.param_groups[0]["lr"])
+        return step(optimiser, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    torch.manual_seed(1)
+    constant, cosine = _tiny(), _tiny()
+    cosine.load_state_dict(constant.state_dict())
+    pretrain(cosine, x, y, settings)
+    assert len(rates) == 8 and rates[0] == PRETRAIN_LR
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False)) and rates[-1] < 0.01
+    assert rates[-1] > 0  # the last step still trains
+    rates.clear()
+    pretrain(constant, x, y, replace(settings, pretrain_lr_schedule="constant"))
+    assert rates == [PRETRAIN_LR] * 8
+    assert not torch.equal(constant.state_dict()["1.weight"], cosine.state_dict()["1.weight"])
 
 
 def test_fusion_step_is_deterministic_and_keeps_the_ensemble():

@@ -49,7 +49,8 @@ def test_hit_loads_the_weights_training_gives_without_training(tmp_path, monkeyp
     assert states_equal(second, trained)
 
 
-@pytest.mark.parametrize("change", ["images", "labels", "seed", "epochs", "batch", "init"])
+@pytest.mark.parametrize("change", ["images", "labels", "seed", "epochs", "batch", "schedule",
+                                    "init"])
 def test_every_input_of_training_changes_the_key(change):
     syn_x, syn_y = tiny_syn()
     model, settings = tiny_model(), SETTINGS
@@ -66,6 +67,8 @@ def test_every_input_of_training_changes_the_key(change):
         settings = replace(settings, pretrain_epochs=3)
     elif change == "batch":
         settings = replace(settings, batch_size=8)
+    elif change == "schedule":
+        settings = replace(settings, pretrain_lr_schedule="cosine")
     else:
         model = tiny_model(seed=1)
     assert pretrain_key(model, syn_x, syn_y, settings) != base
