@@ -6,14 +6,19 @@ pre-training on 8,200 clean rows 14 points under one on 10,000. Two epochs of SG
 constant rate stop wherever the last full-rate steps leave the model, so this bench asks how
 much of such a gap the seed alone makes: it pre-trains with the server's recipe
 (`fusion.pretrain`) from several seeds (initial weights and batch order) on the run's clean
-and poisoned D_syn, once per `pretrain-lr-schedule`, and reports ACC, ASR and the mean recall
-of the non-target classes on the real test set, with their spread over seeds.
+and poisoned D_syn, once per `pretrain-lr-schedule`, and reports ACC, ASR and the recall of
+the target and the other classes on the real test set, with their spread over seeds.
+
+`poisoned-balanced` is the poisoned D_syn cut back to the class balance the server asked
+for (`syn-per-class` rows of each label, a seeded draw where the attack's relabelling left
+more): whether the pre-trained model's lean on the target follows D_syn's label counts.
 
 Diagnosis only; nothing here picks a setting. D_syn must be cached (any run of the config
 makes it).
 
     python bench/pretrain_spread.py results/c10-clean/clean-iid-none --seeds 5 \
         --data-dir ../shared/datasets --out bench/results/pretrain_spread_cifar10.json
+    # --sets poisoned-balanced: only that set
 """
 
 from __future__ import annotations
@@ -59,6 +64,18 @@ def pretrain_over_seeds(build: Callable[[], torch.nn.Module], x: torch.Tensor, y
     return rows
 
 
+def requested_balance(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """Sorted row indices keeping at most `per_class` rows of each label (a seeded draw)."""
+    generator = torch.Generator().manual_seed(seed)
+    kept = []
+    for label in labels.unique():
+        rows = torch.nonzero(labels == label).flatten()
+        if len(rows) > per_class:
+            rows = rows[torch.randperm(len(rows), generator=generator)[:per_class]]
+        kept.append(rows)
+    return torch.cat(kept).sort().values
+
+
 def spread(rows: list[dict], key: str) -> dict[str, float]:
     values = [row[key] for row in rows]
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if
@@ -69,6 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished run folder (its config)")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--sets", default="clean,poisoned",
+                        help="comma-separated: clean, poisoned, poisoned-balanced")
     parser.add_argument("--data-dir", default="", help="as the run config's data-dir")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -81,6 +100,14 @@ def main() -> None:
     clean = clean_dsyn(config)
     poisoned = synthetic_set_for_config(with_default_fm(attacked))
     target = attacked.target_label
+    balanced = requested_balance(poisoned.labels, config.syn_per_class, config.seed)
+    sets = {"clean": (clean.images, clean.labels),
+            "poisoned": (poisoned.images, poisoned.labels),
+            "poisoned-balanced": (poisoned.images[balanced], poisoned.labels[balanced])}
+    names = args.sets.split(",")
+    if unknown := set(names) - set(sets):
+        raise SystemExit(f"--sets {args.sets!r}: {sorted(unknown)} not known; "
+                         f"accepted: {', '.join(sets)}")
 
     def build() -> torch.nn.Module:
         return build_model(config.model, config.dataset, dataset.num_classes,
@@ -90,21 +117,22 @@ def main() -> None:
         scores = class_scores(predict_logits(model, test_x).argmax(1), test_y,
                               dataset.num_classes)
         others = [r for c, r in enumerate(scores["recall"]) if c != target]
-        return {"acc": scores["acc"],
+        return {"acc": scores["acc"], "target-recall": scores["recall"][target],
                 "asr": 100 * attack_success_rate(model, test_x, test_y, trigger, target),
                 "non-target-recall": sum(others) / len(others)}
 
     results = {}
     for schedule in LR_SCHEDULES:
-        for name, syn in (("clean", clean), ("poisoned", poisoned)):
+        for name in names:
             settings = replace(fusion_settings(config), pretrain_lr_schedule=schedule)
-            rows = pretrain_over_seeds(build, syn.images, syn.labels, settings,
-                                       list(range(args.seeds)), score)
+            rows = pretrain_over_seeds(build, *sets[name], settings, list(range(args.seeds)),
+                                       score)
             results[f"{schedule}/{name}"] = {
-                "rows": rows, **{key: spread(rows, key)
-                                 for key in ("acc", "asr", "non-target-recall")}}
+                "d_syn-rows": len(sets[name][1]), "rows": rows,
+                **{key: spread(rows, key)
+                   for key in ("acc", "asr", "target-recall", "non-target-recall")}}
             print(schedule, name, {k: round(v["mean"], 2) for k, v in
-                                   results[f"{schedule}/{name}"].items() if k != "rows"},
+                                   results[f"{schedule}/{name}"].items() if isinstance(v, dict)},
                   "ACC std", round(results[f"{schedule}/{name}"]["acc"]["std"], 2), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({
