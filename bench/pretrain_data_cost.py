@@ -56,6 +56,18 @@ def dsyn_variants(images: torch.Tensor, labels: torch.Tensor, poisoned: torch.Te
             "poisoned": (images, labels)}
 
 
+def pretrained_scores(model: torch.nn.Module, test_x: torch.Tensor, test_y: torch.Tensor,
+                      trigger, target: int, num_classes: int) -> dict:
+    """ACC, ASR, per-class recall, the target's recall and the mean of the others' (%)."""
+    model.eval()
+    scores = class_scores(predict_logits(model, test_x).argmax(1), test_y, num_classes)
+    others = [r for c, r in enumerate(scores["recall"]) if c != target]
+    return {"acc": scores["acc"],
+            "asr": 100 * attack_success_rate(model, test_x, test_y, trigger, target),
+            "target-recall": scores["recall"][target],
+            "non-target-recall": sum(others) / len(others), "recall": scores["recall"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a finished FM-attack run folder (its config)")
@@ -81,16 +93,9 @@ def main() -> None:
                             config.model_width)
         started = time.perf_counter()
         pretrain(model, x, y, fusion_settings(config))
-        model.eval()
-        predicted = predict_logits(model, test_x).argmax(1)
-        scores = class_scores(predicted, test_y, dataset.num_classes)
-        others = [r for c, r in enumerate(scores["recall"]) if c != config.target_label]
         rows[name] = {"rows": len(y), "pretrain_s": time.perf_counter() - started,
-                      "acc": scores["acc"],
-                      "asr": 100 * attack_success_rate(model, test_x, test_y, trigger,
-                                                       config.target_label),
-                      "non-target-recall": sum(others) / len(others),
-                      "recall": scores["recall"]}
+                      **pretrained_scores(model, test_x, test_y, trigger, config.target_label,
+                                          dataset.num_classes)}
         print(name, {k: round(v, 2) for k, v in rows[name].items() if k != "recall"},
               flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)

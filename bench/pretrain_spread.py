@@ -34,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from class_recall import class_scores  # the sibling benches' scorer and run reader
+from pretrain_data_cost import pretrained_scores  # the sibling benches' scorer, run reader
 from served_vs_fused import recorded_config
 from split_census import clean_dsyn
 
@@ -43,9 +43,8 @@ from fmfl_flwr.app_config import fusion_settings, parse_app_config, with_default
 from fmfl_flwr.data import load_dataset, to_float
 from fmfl_flwr.foundation import synthetic_set_for_config
 from fmfl_flwr.fusion import FusionSettings, pretrain
-from fmfl_flwr.metrics import attack_success_rate
 from fmfl_flwr.models import build_model
-from fmfl_flwr.training import LR_SCHEDULES, predict_logits
+from fmfl_flwr.training import LR_SCHEDULES
 
 
 def pretrain_over_seeds(build: Callable[[], torch.nn.Module], x: torch.Tensor, y: torch.Tensor,
@@ -59,7 +58,6 @@ def pretrain_over_seeds(build: Callable[[], torch.nn.Module], x: torch.Tensor, y
         model = build()
         started = time.perf_counter()
         pretrain(model, x, y, replace(settings, seed=seed))
-        model.eval()
         rows.append({"seed": seed, "pretrain_s": time.perf_counter() - started, **score(model)})
     return rows
 
@@ -114,17 +112,12 @@ def main() -> None:
                            config.model_width)
 
     def score(model: torch.nn.Module) -> dict:
-        scores = class_scores(predict_logits(model, test_x).argmax(1), test_y,
-                              dataset.num_classes)
-        others = [r for c, r in enumerate(scores["recall"]) if c != target]
-        return {"acc": scores["acc"], "target-recall": scores["recall"][target],
-                "asr": 100 * attack_success_rate(model, test_x, test_y, trigger, target),
-                "non-target-recall": sum(others) / len(others)}
+        return pretrained_scores(model, test_x, test_y, trigger, target, dataset.num_classes)
 
     results = {}
     for schedule in LR_SCHEDULES:
+        settings = replace(fusion_settings(config), pretrain_lr_schedule=schedule)
         for name in names:
-            settings = replace(fusion_settings(config), pretrain_lr_schedule=schedule)
             rows = pretrain_over_seeds(build, *sets[name], settings, list(range(args.seeds)),
                                        score)
             results[f"{schedule}/{name}"] = {
