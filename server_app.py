@@ -35,6 +35,7 @@ from fmfl_flwr.config import ExperimentConfig
 from fmfl_flwr.data import load_dataset, to_float
 from fmfl_flwr.defense import ensure_bounds_for_state, make_defense
 from fmfl_flwr.foundation import synthetic_set_for_config
+from fmfl_flwr.foundation.intake import capped_to_request
 from fmfl_flwr.fusion import Fusion
 from fmfl_flwr.metrics import acc_and_asr
 from fmfl_flwr.models import build_model
@@ -65,6 +66,19 @@ def synthetic_data(config: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor
         return None
     syn = synthetic_set_for_config(with_default_fm(config))
     return syn.images, syn.labels
+
+
+def capped_synthetic_data(config: ExperimentConfig, syn):
+    """(D_syn for the server's steps, D_syn for pre-training, rows dropped) under
+    `syn-label-cap`: `pretrain` cuts pre-training's copy to `syn-per-class` rows per label,
+    `all` every step's; `off` keeps what the FM returned."""
+    if syn is None or config.syn_label_cap == "off":
+        return syn, syn, 0
+    capped_x, capped_y, dropped = capped_to_request(*syn, config.syn_per_class, config.seed)
+    log(INFO, "fmfl: syn-label-cap=%s keeps %d of %d D_syn rows (dropped per label: %s)",
+        config.syn_label_cap, len(capped_y), len(syn[1]), dropped or "none")
+    capped = (capped_x, capped_y)
+    return (capped if config.syn_label_cap == "all" else syn), capped, sum(dropped.values())
 
 
 def fltrust_root_update(config: ExperimentConfig, model_fn, syn_x: torch.Tensor,
@@ -153,7 +167,7 @@ def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     config = parse_app_config(run_config)
     dataset = load_dataset(config.dataset, config.data_dir)
-    syn = synthetic_data(config)
+    syn, pretrain_syn, syn_dropped = capped_synthetic_data(config, synthetic_data(config))
 
     def model_fn() -> torch.nn.Module:
         return build_model(config.model, config.dataset, dataset.num_classes, config.model_width)
@@ -182,7 +196,7 @@ def main(grid: Grid, context: Context) -> None:
         restore_step_states(steps, resumed.get("steps", {}))  # older checkpoints: none
         restore_rng_states(resumed["rng"])
     elif config.fusion:
-        pretrain_time = pretrain_and_defend(model, syn, fusion.settings, defense)
+        pretrain_time = pretrain_and_defend(model, pretrain_syn, fusion.settings, defense)
     done = resumed["round"] if resumed else 0
     strategy = FMFLStrategy(
         inner, fusion=fusion, post_fusion=[(config.defense, defense)] if defense else [],
@@ -206,6 +220,8 @@ def main(grid: Grid, context: Context) -> None:
         row["round-time"] = time.perf_counter() - round_started
         if server_round == 0:
             row["pretrain-time"] = pretrain_time
+            if config.syn_label_cap != "off":
+                row["syn-dropped-rows"] = syn_dropped
         row.update(strategy.round_info.get(server_round, {}))
         row.update(step_metrics(fusion, server_round, "fusion"))
         row.update(step_metrics(defense, server_round, "defense"))

@@ -42,6 +42,7 @@ from fmfl_flwr import attacks
 from fmfl_flwr.app_config import fusion_settings, parse_app_config, with_default_fm
 from fmfl_flwr.data import load_dataset, to_float
 from fmfl_flwr.foundation import synthetic_set_for_config
+from fmfl_flwr.foundation.intake import requested_balance
 from fmfl_flwr.fusion import FusionSettings, pretrain
 from fmfl_flwr.models import build_model
 from fmfl_flwr.training import LR_SCHEDULES
@@ -60,18 +61,6 @@ def pretrain_over_seeds(build: Callable[[], torch.nn.Module], x: torch.Tensor, y
         pretrain(model, x, y, replace(settings, seed=seed))
         rows.append({"seed": seed, "pretrain_s": time.perf_counter() - started, **score(model)})
     return rows
-
-
-def requested_balance(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
-    """Sorted row indices keeping at most `per_class` rows of each label (a seeded draw)."""
-    generator = torch.Generator().manual_seed(seed)
-    kept = []
-    for label in labels.unique():
-        rows = torch.nonzero(labels == label).flatten()
-        if len(rows) > per_class:
-            rows = rows[torch.randperm(len(rows), generator=generator)[:per_class]]
-        kept.append(rows)
-    return torch.cat(kept).sort().values
 
 
 def spread(rows: list[dict], key: str) -> dict[str, float]:

@@ -21,6 +21,8 @@ from fmfl_flwr.training import LR_SCHEDULES
 FM_ATTACKS = ("none", "poisoned-pipeline", "poisoned-weights")
 CLIENT_ATTACKS = ("none", "badnets", "blended", "dba", "scaling")
 TRIGGER_NAMES = ("badnets", "blended", "dba", "image")
+# where the server cuts D_syn to `syn-per-class` rows per label (fmfl_flwr.foundation.intake)
+SYN_LABEL_CAPS = ("off", "pretrain", "all")
 # Run-config values that turn the default experiment (the mission's case) into plain FedAvg.
 PLAIN_FEDAVG = {"fusion": False, "fm-attack": "none", "defense": "none"}
 
@@ -61,6 +63,7 @@ class ExperimentConfig:
     fm: str = ""
     fm_steps: int = field(default=10, metadata={"min": 1})
     syn_per_class: int = field(default=1000, metadata={"min": 1})
+    syn_label_cap: str = field(default="off", metadata=_choices(*SYN_LABEL_CAPS))
     pretrain_epochs: int = field(default=2, metadata={"min": 0})
     pretrain_lr_schedule: str = field(default="constant", metadata=_choices(*LR_SCHEDULES))
     distill_epochs: int = field(default=1, metadata={"min": 0})

@@ -10,7 +10,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from pretrain_spread import (  # noqa: E402 - the bench folder is not a package
     pretrain_over_seeds,
-    requested_balance,
     spread,
 )
 
@@ -54,11 +53,3 @@ def test_spread_of_a_key_over_rows():
                                                  "max": 34.0})
     assert spread(rows[:1], "acc")["std"] == 0.0
 
-
-def test_the_requested_balance_cuts_only_the_labels_over_it():
-    labels = torch.tensor([0] * 7 + [1] * 3 + [2] * 4)
-    kept = requested_balance(labels, 4, seed=0)
-    assert torch.equal(torch.bincount(labels[kept]), torch.tensor([4, 3, 4]))
-    assert torch.equal(kept, kept.sort().values) and len(kept.unique()) == len(kept)
-    assert set(range(7, 14)) <= set(kept.tolist())  # labels 1 and 2 kept whole
-    assert torch.equal(kept, requested_balance(labels, 4, seed=0))

@@ -33,6 +33,8 @@ def test_defaults_match_pyproject_run_config():
         ("attack-rounds", "a-b", "attack-rounds='a-b'"),
         ("pretrain-lr-schedule", "step",
          "pretrain-lr-schedule='step' is not known; accepted: constant, cosine"),
+        ("syn-label-cap", "yes",
+         "syn-label-cap='yes' is not known; accepted: off, pretrain, all"),
     ],
 )
 def test_bad_values_name_key_value_and_choices(key, value, expected):

@@ -168,3 +168,20 @@ def test_the_defense_reads_what_fusion_unlearned():
     assert defense.trust_source() == 0.0
     fusion.unlearned_share = 0.18
     assert defense.trust_source() == 0.18
+
+
+@pytest.mark.parametrize("cap", ["off", "pretrain", "all"])
+def test_the_label_cap_cuts_the_copies_it_names(cap):
+    import torch
+
+    from fmfl_flwr.config import ExperimentConfig
+
+    config = ExperimentConfig.from_run_config({"syn-per-class": 3, "syn-label-cap": cap})
+    labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 2)
+    syn = (torch.rand(10, 1, 2, 2), labels)
+    steps, pretraining, dropped = server_app.capped_synthetic_data(config, syn)
+    assert dropped == (0 if cap == "off" else 2)
+    assert (steps is syn) == (cap != "all") and (pretraining is syn) == (cap == "off")
+    for images, kept in {"pretrain": [pretraining], "all": [steps, pretraining]}.get(cap, []):
+        assert torch.bincount(kept).tolist() == [3, 3, 2] and len(images) == 8
+    assert server_app.capped_synthetic_data(config, None) == (None, None, 0)
