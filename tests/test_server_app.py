@@ -182,6 +182,7 @@ def test_the_label_cap_cuts_the_copies_it_names(cap):
     steps, pretraining, dropped = server_app.capped_synthetic_data(config, syn)
     assert dropped == (0 if cap == "off" else 2)
     assert (steps is syn) == (cap != "all") and (pretraining is syn) == (cap == "off")
-    for images, kept in {"pretrain": [pretraining], "all": [steps, pretraining]}.get(cap, []):
+    capped = [] if cap == "off" else [pretraining] if cap == "pretrain" else [steps, pretraining]
+    for images, kept in capped:
         assert torch.bincount(kept).tolist() == [3, 3, 2] and len(images) == 8
     assert server_app.capped_synthetic_data(config, None) == (None, None, 0)
