@@ -8,10 +8,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from pretrain_spread import (  # noqa: E402 - the bench folder is not a package
-    pretrain_over_seeds,
-    spread,
-)
+from pretrain_spread import pretrain_over_seeds, spread  # noqa: E402 - bench is not a package
 
 from fmfl_flwr.fusion import FusionSettings  # noqa: E402
 
@@ -52,4 +49,3 @@ def test_spread_of_a_key_over_rows():
     assert spread(rows, "acc") == pytest.approx({"mean": 32.0, "std": 2.0, "min": 30.0,
                                                  "max": 34.0})
     assert spread(rows[:1], "acc")["std"] == 0.0
-
