@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fmfl_flwr.data import DATASETS
-from fmfl_flwr.defense.objectives import OVERRULE_RANKS
+from fmfl_flwr.defense.objectives import OVERRULE_RANKS, OVERRULE_TARGETS
 from fmfl_flwr.models import MODELS
 from fmfl_flwr.partition import PARTITIONS
 from fmfl_flwr.training import LR_SCHEDULES
@@ -111,6 +111,10 @@ class ExperimentConfig:
     # last round's bounds)
     bounds_overrule_rank: str = field(default="confidence-drop",
                                       metadata=_choices(*OVERRULE_RANKS))
+    # what the overruled samples are fitted to: the client ensemble's logits, or those
+    # with the ensemble's per-class mean over D_syn divided out (a non-IID ensemble's bias)
+    bounds_overrule_target: str = field(default="ensemble",
+                                        metadata=_choices(*OVERRULE_TARGETS))
     # > 0: overrule the cap only where one fused class holds >= this share of it, else
     # fit MM-BM's reference
     bounds_overrule_gate: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})

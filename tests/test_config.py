@@ -35,6 +35,8 @@ def test_defaults_match_pyproject_run_config():
          "pretrain-lr-schedule='step' is not known; accepted: constant, cosine"),
         ("syn-label-cap", "yes",
          "syn-label-cap='yes' is not known; accepted: off, pretrain, all"),
+        ("bounds-overrule-target", "fused",
+         "bounds-overrule-target='fused' is not known; accepted: ensemble, ensemble-centred"),
     ],
 )
 def test_bad_values_name_key_value_and_choices(key, value, expected):
@@ -94,11 +96,12 @@ def test_bounds_defaults_are_the_defense_library_defaults():
                                              bounds_overrule_gate_rounds=3,
                                              bounds_overrule_cap_halvings=2,
                                              bounds_overrule_flip_min=0.2,
-                                             bounds_overrule_flip_lift_min=2.5))
+                                             bounds_overrule_flip_lift_min=2.5,
+                                             bounds_overrule_target="ensemble-centred"))
     assert (chosen.overrule_source_max, chosen.overrule_lift_max, chosen.overrule_confidence_min,
             chosen.overrule_gate_rounds, chosen.overrule_cap_halvings,
-            chosen.overrule_flip_min, chosen.overrule_flip_lift_min) == (3.0, 2.0, 0.7, 3, 2, 0.2,
-                                                                     2.5)
+            chosen.overrule_flip_min, chosen.overrule_flip_lift_min,
+            chosen.overrule_target) == (3.0, 2.0, 0.7, 3, 2, 0.2, 2.5, "ensemble-centred")
 
 
 def test_empty_fm_means_the_fm_dir_for_the_dataset(monkeypatch, tmp_path):

@@ -37,6 +37,7 @@ from fmfl_flwr.defense.objectives import (
     Reference,
     fidelity_reference,
     one_class_share,
+    overrule_targets,
     trimmed_weights,
 )
 from fmfl_flwr.defense.optimise import _agreement, _refuted, _verified
@@ -144,6 +145,31 @@ def test_switch_objective_targets_the_ensemble_where_models_disagree() -> None:
     assert fidelity_reference("mm-bm", fused, ensemble).keep.all()
     with pytest.raises(ValueError, match="ensemble-switch"):
         fidelity_reference("nope", fused, ensemble)
+
+
+def test_centred_overrule_target_divides_out_the_ensembles_lean() -> None:
+    # an ensemble that calls every sample class 2 (a non-IID one), but sample 0 a little
+    # more class 0 than the rest and sample 1 a little more class 1
+    ensemble = torch.tensor([[2.0, 0.0, 5.0], [0.0, 2.0, 5.0], [0.0, 0.0, 5.0]])
+    assert overrule_targets(ensemble, "ensemble") is ensemble
+    centred = overrule_targets(ensemble, "ensemble-centred")
+    assert centred.argmax(1).tolist()[:2] == [0, 1]
+    assert torch.allclose(centred.mean(0), ensemble.mean().expand(3))  # no class leans
+    assert torch.allclose(centred - ensemble, (centred - ensemble)[0].expand(3, 3))
+    with pytest.raises(ValueError, match="overrule-target='mean' is not known"):
+        overrule_targets(ensemble, "mean")
+
+
+def test_centred_overrule_target_reaches_only_the_overruled_samples() -> None:
+    fused = torch.tensor([[0.0, 0.0, 3.0]] * 10)  # a backdoored fused model's one class
+    ensemble = torch.tensor([[2.0, 3.0, 0.0]] + [[0.0, 3.0, 0.0]] * 4 + [[0.0, 0.0, 3.0]] * 5)
+    ref = fidelity_reference("ensemble-switch", fused, ensemble, 3.0,
+                             overrule_target="ensemble-centred")
+    assert ref.overruled.tolist() == [True] * 5 + [False] * 5  # the disagreements
+    centred = overrule_targets(ensemble, "ensemble-centred")
+    assert torch.equal(ref.target_logits[:5], centred[:5])
+    assert torch.equal(ref.target_logits[5:], fused[5:])
+    assert ref.target_logits[0].argmax() == 0  # where the raw ensemble said class 1
 
 
 def test_optimisation_shrinks_bounds_and_keeps_agreement(trained) -> None:

@@ -101,6 +101,8 @@ class BoundSettings:
     overrule_cap_halvings: int = 2
     # which disagreements the cap keeps (`objectives.suspicion`)
     overrule_rank: str = "confidence-drop"
+    # what the overruled samples are fitted to (`objectives.overrule_targets`)
+    overrule_target: str = "ensemble"
     # > 0: overrule the capped set only if one fused class holds >= this share of it (a
     # backdoor's target; a clean D_syn's suspects spread over the classes), else fit
     # MM-BM's reference; 0.5 kept clean ACC within a point (docs/defense.md, stop 18)
@@ -473,6 +475,7 @@ def _fit_bounds(
         settings.overrule_rank, bounded_logits, settings.excuse_flips, settings.overrule_gate,
         settings.gate_class_weight, settings.overrule_source_max, settings.overrule_lift_max,
         settings.overrule_confidence_min, settings.gate_classes, settings.overrule_cap_halvings,
+        settings.overrule_target,
     )
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     measured = _agreement_of(bounded_logits.argmax(1), reference, trim, settings.class_gate)
@@ -596,8 +599,9 @@ def _fit_bounds(
 def _class_flips(model: nn.Module, images: torch.Tensor, reference: Reference,
                  fused_logits: torch.Tensor) -> dict[str, float]:
     """Of the overruled samples in the gate's class and of the other overruled ones, the
-    shares the bounded `model` gives the client ensemble's class (nan where there are
-    none): a trigger's samples flip once the bounds cut it; a clean class's may not."""
+    shares the bounded `model` gives their overruling target's class, the client
+    ensemble's (nan where there are none): a trigger's samples flip once the bounds cut
+    it; a clean class's may not."""
     overruled = reference.overruled[: len(images)]
     if not overruled.any():
         return {"overruled-class-agreement": float("nan"),
