@@ -158,6 +158,8 @@ def test_centred_overrule_target_divides_out_the_ensembles_lean() -> None:
     assert torch.allclose(centred - ensemble, (centred - ensemble)[0].expand(3, 3))
     with pytest.raises(ValueError, match="overrule-target='mean' is not known"):
         overrule_targets(ensemble, "mean")
+    with pytest.raises(ValueError, match="overrule-target='mean' is not known"):
+        BoundSettings(overrule_target="mean")  # before any fit starts
 
 
 def test_centred_overrule_target_reaches_only_the_overruled_samples() -> None:

@@ -34,6 +34,7 @@ from fmfl_flwr.defense.bounds import (
 from fmfl_flwr.defense.inversion import invert_trigger
 from fmfl_flwr.defense.objectives import (
     OVERRULE_RANKS,
+    OVERRULE_TARGETS,
     Reference,
     class_margin,
     fidelity_loss,
@@ -225,6 +226,11 @@ class BoundSettings:
             raise ValueError(
                 f"bounds overrule-rank={self.overrule_rank!r} is not known; "
                 f"accepted: {', '.join(OVERRULE_RANKS)}"
+            )
+        if self.overrule_target not in OVERRULE_TARGETS:
+            raise ValueError(
+                f"bounds overrule-target={self.overrule_target!r} is not known; "
+                f"accepted: {', '.join(OVERRULE_TARGETS)}"
             )
         if self.init not in ("quantile", "constant"):
             raise ValueError(
