@@ -112,7 +112,7 @@ class ExperimentConfig:
     bounds_overrule_rank: str = field(default="confidence-drop",
                                       metadata=_choices(*OVERRULE_RANKS))
     # what the overruled samples are fitted to: the client ensemble's logits, or those
-    # with the ensemble's per-class mean over D_syn divided out (a non-IID ensemble's bias)
+    # with its per-class mean over the fit's samples divided out (a non-IID ensemble's bias)
     bounds_overrule_target: str = field(default="ensemble",
                                         metadata=_choices(*OVERRULE_TARGETS))
     # > 0: overrule the cap only where one fused class holds >= this share of it, else
