@@ -76,6 +76,7 @@ def bound_settings(config: ExperimentConfig) -> BoundSettings:
                    overrule_confidence_min=config.bounds_overrule_confidence_min,
                    overrule_flip_min=config.bounds_overrule_flip_min,
                    overrule_flip_lift_min=config.bounds_overrule_flip_lift_min,
+                   overrule_flip_count=config.bounds_overrule_flip_count,
                    overrule_gate_rounds=config.bounds_overrule_gate_rounds,
                    excuse_flips=config.bounds_excuse_flips,
                    gate_class_weight=config.bounds_gate_class_weight,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fmfl_flwr.data import DATASETS
-from fmfl_flwr.defense.objectives import OVERRULE_RANKS, OVERRULE_TARGETS
+from fmfl_flwr.defense.objectives import FLIP_COUNTS, OVERRULE_RANKS, OVERRULE_TARGETS
 from fmfl_flwr.models import MODELS
 from fmfl_flwr.partition import PARTITIONS
 from fmfl_flwr.training import LR_SCHEDULES
@@ -140,6 +140,10 @@ class ExperimentConfig:
     # bounds that a trigger's samples give way to; CIFAR-10's poison flipped 0.62-0.93
     # times as often as the rest, two of five clean classes 0 and 0.26 times)
     bounds_overrule_flip_lift_min: float = field(default=0.4, metadata={"min": 0.0})
+    # which flips those two tests count: onto the overruling target's class, or off the
+    # fused model's class (a centred target names a class the bounds need not reach)
+    bounds_overrule_flip_count: str = field(default="onto-target",
+                                            metadata=_choices(*FLIP_COUNTS))
     # > 0: the last round whose gate may name a new target (D_syn's poison is there from
     # round 1; later, only the named class passes); 0: every round
     bounds_overrule_gate_rounds: int = field(default=1, metadata={"min": 0})

@@ -886,6 +886,9 @@ def test_a_named_class_whose_samples_the_bounds_do_not_flip_is_fitted_again_as_c
                                torch.zeros(len(images)), ensemble, settings)
     _, named = fit(overrule_flip_min=0.5)
     assert named["gate-class"] == 0 and named["overruled-class-agreement"] >= 0.5
+    # an overruled sample is a disagreement: taken onto the ensemble's class, it left the
+    # fused model's
+    assert named["overruled-class-leaves"] >= named["overruled-class-agreement"]
     assert named["refuted-class"] == -1 and math.isnan(named["refuted-flips"])
     assert math.isnan(named["refuted-rest-flips"])
     refuted_bounds, refuted = fit(epochs=2, overrule_flip_min=0.5)
@@ -893,6 +896,7 @@ def test_a_named_class_whose_samples_the_bounds_do_not_flip_is_fitted_again_as_c
     assert math.isnan(refuted["refuted-rest-flips"])  # the whole cap is in the class
     assert refuted["gate-class"] == -1 and refuted["overruled-share"] == 0
     assert refuted["cap-top-class"] == 0 and math.isnan(refuted["overruled-class-agreement"])
+    assert math.isnan(refuted["overruled-class-leaves"])
     closed_bounds, _ = fit(epochs=2, gate_classes=())
     assert all(torch.equal(refuted_bounds[k], closed_bounds[k]) for k in closed_bounds)
     _, forced = fit(epochs=2, overrule_flip_min=0.5, overrule_gate=0.0)
@@ -931,6 +935,29 @@ def test_a_named_class_flipped_no_more_than_the_rest_of_the_cap_is_refuted() -> 
     assert not _refuted(flips(0.0, 0.0), replace(shipped, overrule_flip_lift_min=0.0))
     with pytest.raises(ValueError, match="overrule-flip-lift-min=-1"):
         BoundSettings(overrule_flip_lift_min=-1)
+
+
+def test_the_flip_tests_count_moves_off_the_fused_class_when_asked() -> None:
+    """`overrule_flip_count = "off-fused"` weighs the shares taken off the fused model's
+    class (`-leaves`) instead of those taken onto the target's class. Stop 52's refuted
+    CIFAR-10 poison: a centred target moved the named class onto its class 0.10 of the
+    time against the rest's 0.33; a fit that takes most of it off the fused class
+    stands under the new count, and one that leaves the class less than the rest falls."""
+    onto = BoundSettings()
+    off = replace(onto, overrule_flip_count="off-fused")
+
+    def flips(onto_named: float, onto_rest: float, off_named: float,
+              off_rest: float) -> dict[str, float]:
+        return {"gate-class": 0.0, "overruled-class-agreement": onto_named,
+                "overruled-rest-agreement": onto_rest, "overruled-class-leaves": off_named,
+                "overruled-rest-leaves": off_rest}
+    poison = flips(0.103, 0.333, 0.85, 0.60)
+    assert _refuted(poison, onto) and not _refuted(poison, off)
+    clean = flips(0.5, 0.3, 0.05, 0.40)
+    assert not _refuted(clean, onto) and _refuted(clean, off)
+    assert not _refuted(flips(0.1, 0.3, 0.0, 0.0), replace(off, overrule_flip_lift_min=0.0))
+    with pytest.raises(ValueError, match="overrule-flip-count='onto' is not known"):
+        BoundSettings(overrule_flip_count="onto")
 
 
 def test_fusion_on_relabelled_targets_unlearns_the_trigger(backdoored) -> None:

@@ -25,6 +25,9 @@ from torch import nn
 OBJECTIVES = ("mm-bm", "agree", "ensemble-switch", "mmac")
 OVERRULE_RANKS = ("confidence", "confidence-drop")
 OVERRULE_TARGETS = ("ensemble", "ensemble-centred")
+# what counts as an overruled sample flipped by the bounds (`optimise._refuted`): moved onto
+# its overruling target's class, or off the fused model's class to any other
+FLIP_COUNTS = ("onto-target", "off-fused")
 NORMS = ("l2", "rms")
 
 

@@ -33,6 +33,7 @@ from fmfl_flwr.defense.bounds import (
 )
 from fmfl_flwr.defense.inversion import invert_trigger
 from fmfl_flwr.defense.objectives import (
+    FLIP_COUNTS,
     OVERRULE_RANKS,
     OVERRULE_TARGETS,
     Reference,
@@ -139,6 +140,12 @@ class BoundSettings:
     # gate was made to name, two flipped 0 and 0.26 times, three 0.90-3.34 (docs/defense.md,
     # stops 43-46)
     overrule_flip_lift_min: float = 0.4
+    # which flips those two tests count (`objectives.FLIP_COUNTS`): "onto-target", the
+    # share taken to the overruling target's class (the tests' thresholds were set on it);
+    # "off-fused", the share taken off the fused model's class to any other. A centred
+    # target names a class the bounds need not reach: with it the onto-target count
+    # refuted CIFAR-10 Dirichlet seed 2's poison at 0.31 times the rest (stop 52)
+    overrule_flip_count: str = "onto-target"
     # > 0: the last round in which the gate may name a new target; later gates pass only
     # for the class already named. D_syn and its poison are fixed before round 1, whose fit
     # named the target in every attacked run; clean classes filled the cap in rounds 3 and
@@ -207,6 +214,11 @@ class BoundSettings:
         if self.overrule_flip_lift_min < 0.0:
             raise ValueError(f"bounds overrule-flip-lift-min={self.overrule_flip_lift_min!r}"
                              " must be >= 0")
+        if self.overrule_flip_count not in FLIP_COUNTS:
+            raise ValueError(
+                f"bounds overrule-flip-count={self.overrule_flip_count!r} is not known; "
+                f"accepted: {', '.join(FLIP_COUNTS)}"
+            )
         if self.overrule_gate_rounds < 0:
             raise ValueError(
                 f"bounds overrule-gate-rounds={self.overrule_gate_rounds!r} must be >= 0")
@@ -420,21 +432,29 @@ def optimise_bounds(
         # the capped samples resisted the bounds: a clean class, fitted again as one
         closed = replace(settings, gate_classes=())
         bounds, refit = _fit_bounds(model, images, ensemble_logits, closed, warm_start, c)
+    named, rest = _counted_flips(stats, settings)
     return bounds, {**refit, "time": stats["time"] + refit["time"],
                     "refuted-class": stats["gate-class"],
-                    "refuted-flips": stats["overruled-class-agreement"],
-                    "refuted-rest-flips": stats["overruled-rest-agreement"]}
+                    "refuted-flips": named, "refuted-rest-flips": rest}
+
+
+def _counted_flips(stats: dict[str, float], settings: BoundSettings) -> tuple[float, float]:
+    """The shares of the gate's class and of the rest of the overruled samples that the
+    fit flipped, as `overrule_flip_count` counts a flip."""
+    if settings.overrule_flip_count == "off-fused":
+        return stats["overruled-class-leaves"], stats["overruled-rest-leaves"]
+    return stats["overruled-class-agreement"], stats["overruled-rest-agreement"]
 
 
 def _refuted(stats: dict[str, float], settings: BoundSettings) -> bool:
     """Whether a fit whose gate passed its own test (a round forced to overrule skips it)
-    took under `overrule_flip_min` of the overruled samples in the gate's class to the
-    ensemble's classes, or no more than `overrule_flip_lift_min` times the share of the
-    other overruled samples it took there (none of those: nothing to compare, not
-    refuted; none of either flipped: refuted, as a trigger's samples flip)."""
+    flipped under `overrule_flip_min` of the overruled samples in the gate's class, or no
+    more than `overrule_flip_lift_min` times the share of the other overruled samples it
+    flipped (none of those: nothing to compare, not refuted; none of either flipped:
+    refuted, as a trigger's samples flip)."""
     if settings.overrule_gate <= 0 or stats["gate-class"] < 0:
         return False
-    named, rest = stats["overruled-class-agreement"], stats["overruled-rest-agreement"]
+    named, rest = _counted_flips(stats, settings)
     lift = settings.overrule_flip_lift_min
     return named < settings.overrule_flip_min or (lift > 0 and named <= lift * rest)
 
@@ -605,21 +625,24 @@ def _fit_bounds(
 def _class_flips(model: nn.Module, images: torch.Tensor, reference: Reference,
                  fused_logits: torch.Tensor) -> dict[str, float]:
     """Of the overruled samples in the gate's class and of the other overruled ones, the
-    shares the bounded `model` gives their overruling target's class, the client
-    ensemble's (nan where there are none): a trigger's samples flip once the bounds cut
-    it; a clean class's may not."""
+    shares the bounded `model` gives their overruling target's class (`-agreement`) and
+    any class but the fused model's (`-leaves`); nan where there are none: a trigger's
+    samples flip once the bounds cut it; a clean class's may not."""
     overruled = reference.overruled[: len(images)]
+    counts = ("overruled-class-agreement", "overruled-rest-agreement",
+              "overruled-class-leaves", "overruled-rest-leaves")
     if not overruled.any():
-        return {"overruled-class-agreement": float("nan"),
-                "overruled-rest-agreement": float("nan")}
+        return dict.fromkeys(counts, float("nan"))
     predicted = predict_logits(model, images, device=torch.device("cpu")).argmax(1)
-    hits = predicted == reference.target_logits[: len(images)].argmax(1)
-    named = overruled & (fused_logits.argmax(1) == reference.gate_class)
+    onto = predicted == reference.target_logits[: len(images)].argmax(1)
+    fused = fused_logits.argmax(1)
+    off = predicted != fused
+    named = overruled & (fused == reference.gate_class)
 
-    def share(chosen: torch.Tensor) -> float:
-        return hits[chosen].float().mean().item() if chosen.any() else float("nan")
-    return {"overruled-class-agreement": share(named),
-            "overruled-rest-agreement": share(overruled & ~named)}
+    def share(flipped: torch.Tensor, chosen: torch.Tensor) -> float:
+        return flipped[chosen].float().mean().item() if chosen.any() else float("nan")
+    return dict(zip(counts, (share(onto, named), share(onto, overruled & ~named),
+                             share(off, named), share(off, overruled & ~named)), strict=True))
 
 
 def _with_inverted_trigger(
