@@ -40,7 +40,7 @@ from fmfl_flwr.defense.objectives import (
     overrule_targets,
     trimmed_weights,
 )
-from fmfl_flwr.defense.optimise import _agreement, _refuted, _verified
+from fmfl_flwr.defense.optimise import _agreement, _class_flips, _refuted, _verified
 from fmfl_flwr.defense.steps import settings_after_unlearning
 from fmfl_flwr.fusion import (
     Fusion,
@@ -937,12 +937,30 @@ def test_a_named_class_flipped_no_more_than_the_rest_of_the_cap_is_refuted() -> 
         BoundSettings(overrule_flip_lift_min=-1)
 
 
+def test_class_flips_count_moves_onto_the_target_and_off_the_fused_class() -> None:
+    """`_class_flips` on a model whose logits are its inputs: four overruled samples the
+    fused model calls class 0 (the gate's) and two it calls class 1. A centred target can
+    name the fused class itself (sample 1): kept there, it counts onto the target but not
+    off the fused class."""
+    fused = F.one_hot(torch.tensor([0, 0, 0, 0, 1, 1, 2]), 3).float()
+    targets = F.one_hot(torch.tensor([1, 0, 2, 1, 0, 2, 2]), 3).float()
+    bounded = F.one_hot(torch.tensor([1, 0, 0, 2, 0, 1, 2]), 3).float()
+    overruled = torch.tensor([True] * 6 + [False])
+    reference = Reference(targets, torch.ones(7), ~overruled, overruled, gate_class=0)
+    flips = _class_flips(nn.Identity(), bounded, reference, fused)
+    assert flips == {"overruled-class-agreement": 0.5, "overruled-rest-agreement": 0.5,
+                     "overruled-class-leaves": 0.5, "overruled-rest-leaves": 0.5}
+    bounded[2] = F.one_hot(torch.tensor(1), 3).float()  # off class 0, not onto its target
+    flips = _class_flips(nn.Identity(), bounded, reference, fused)
+    assert flips["overruled-class-agreement"] == 0.5 and flips["overruled-class-leaves"] == 0.75
+
+
 def test_the_flip_tests_count_moves_off_the_fused_class_when_asked() -> None:
     """`overrule_flip_count = "off-fused"` weighs the shares taken off the fused model's
-    class (`-leaves`) instead of those taken onto the target's class. Stop 52's refuted
-    CIFAR-10 poison: a centred target moved the named class onto its class 0.10 of the
-    time against the rest's 0.33; a fit that takes most of it off the fused class
-    stands under the new count, and one that leaves the class less than the rest falls."""
+    class (`-leaves`) instead of those taken onto the target's class. CIFAR-10 Dirichlet
+    seed 2's poison under a centred target (stops 52-53): onto it 0.103 against the
+    rest's 0.333, refuted; off class 0 0.486 against 0.200, it stands. A fit that takes
+    the named class off the fused class less often than the rest falls."""
     onto = BoundSettings()
     off = replace(onto, overrule_flip_count="off-fused")
 
@@ -951,7 +969,7 @@ def test_the_flip_tests_count_moves_off_the_fused_class_when_asked() -> None:
         return {"gate-class": 0.0, "overruled-class-agreement": onto_named,
                 "overruled-rest-agreement": onto_rest, "overruled-class-leaves": off_named,
                 "overruled-rest-leaves": off_rest}
-    poison = flips(0.103, 0.333, 0.85, 0.60)
+    poison = flips(0.103, 0.333, 0.486, 0.200)
     assert _refuted(poison, onto) and not _refuted(poison, off)
     clean = flips(0.5, 0.3, 0.05, 0.40)
     assert not _refuted(clean, onto) and _refuted(clean, off)

@@ -143,8 +143,9 @@ class BoundSettings:
     # which flips those two tests count (`objectives.FLIP_COUNTS`): "onto-target", the
     # share taken to the overruling target's class (the tests' thresholds were set on it);
     # "off-fused", the share taken off the fused model's class to any other. A centred
-    # target names a class the bounds need not reach: with it the onto-target count
-    # refuted CIFAR-10 Dirichlet seed 2's poison at 0.31 times the rest (stop 52)
+    # target names a class the bounds need not reach, the fused one among them: its
+    # onto-target count refuted CIFAR-10 seed 2's poison at 0.31 and 0.39 times the rest,
+    # the off-fused count passed it at 2.43 and 1.29 (docs/defense.md, stops 52-53)
     overrule_flip_count: str = "onto-target"
     # > 0: the last round in which the gate may name a new target; later gates pass only
     # for the class already named. D_syn and its poison are fixed before round 1, whose fit
