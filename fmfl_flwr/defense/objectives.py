@@ -31,6 +31,12 @@ FLIP_COUNTS = ("onto-target", "off-fused")
 NORMS = ("l2", "rms")
 
 
+def check_known(key: str, value: str, accepted: tuple[str, ...]) -> None:
+    """Raise the bounds' one error for a `key` set to a `value` outside `accepted`."""
+    if value not in accepted:
+        raise ValueError(f"bounds {key}={value!r} is not known; accepted: {', '.join(accepted)}")
+
+
 @dataclass(frozen=True)
 class Reference:
     """Per-sample fidelity targets on the defender's reference data.
@@ -218,10 +224,7 @@ def fidelity_reference(
     backdoor's target once the gate passes) leave `keep` and weigh that much: poison the
     ensemble shares sits there, and fidelity to it would restore the backdoor.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(
-            f"bounds objective={objective!r} is not known; accepted: {', '.join(OBJECTIVES)}"
-        )
+    check_known("objective", objective, OBJECTIVES)
     everyone = torch.ones(len(fused_logits), dtype=torch.bool)
     if ensemble_logits is None or objective in ("mm-bm", "mmac"):
         return Reference(fused_logits, everyone.float(), everyone, ~everyone)
@@ -288,9 +291,7 @@ def overrule_targets(ensemble_logits: torch.Tensor, kind: str) -> torch.Tensor:
     bias, not the bias (CIFAR-10 Dirichlet seed 2, round 1: one class took 92% of the cap
     and of every sample, and the served model 62% of the test set; docs/defense.md, stop 51).
     """
-    if kind not in OVERRULE_TARGETS:
-        raise ValueError(f"bounds overrule-target={kind!r} is not known; "
-                         f"accepted: {', '.join(OVERRULE_TARGETS)}")
+    check_known("overrule-target", kind, OVERRULE_TARGETS)
     if kind == "ensemble":
         return ensemble_logits
     return ensemble_logits - ensemble_logits.mean(0, keepdim=True) + ensemble_logits.mean()
@@ -313,10 +314,7 @@ def suspicion(rank: str, fused_logits: torch.Tensor, bounded_logits: torch.Tenso
     caught more of the poisoned samples (docs/defense.md, "The overrule rank and the
     warm-fit epochs").
     """
-    if rank not in OVERRULE_RANKS:
-        raise ValueError(
-            f"bounds overrule-rank={rank!r} is not known; accepted: {', '.join(OVERRULE_RANKS)}"
-        )
+    check_known("overrule-rank", rank, OVERRULE_RANKS)
     own = fused_logits.argmax(1, keepdim=True)
     confidence = fused_logits.softmax(1).gather(1, own).squeeze(1)
     if rank == "confidence":
@@ -376,8 +374,7 @@ def trimmed_weights(
 
 def norm_penalty(bounds: list[torch.Tensor], norm: str = "l2") -> torch.Tensor:
     """sum_l ||Z_l||_2 (MM-BM); `rms` divides each by sqrt(numel) so wide layers do not rule."""
-    if norm not in NORMS:
-        raise ValueError(f"bounds norm={norm!r} is not known; accepted: {', '.join(NORMS)}")
+    check_known("norm", norm, NORMS)
     terms = [z.norm() / (z.numel() ** 0.5 if norm == "rms" else 1.0) for z in bounds]
     return torch.stack(terms).sum()
 

@@ -37,6 +37,7 @@ from fmfl_flwr.defense.objectives import (
     OVERRULE_RANKS,
     OVERRULE_TARGETS,
     Reference,
+    check_known,
     class_margin,
     fidelity_loss,
     fidelity_reference,
@@ -178,11 +179,7 @@ class BoundSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(
-                f"bounds granularity={self.granularity!r} is not known; "
-                f"accepted: {', '.join(GRANULARITIES)}"
-            )
+        check_known("granularity", self.granularity, GRANULARITIES)
         if not 0.0 <= self.trim < 1.0:
             raise ValueError(f"bounds trim={self.trim!r} must be in [0, 1)")
         if self.unsure_weight < 0.0:
@@ -215,11 +212,7 @@ class BoundSettings:
         if self.overrule_flip_lift_min < 0.0:
             raise ValueError(f"bounds overrule-flip-lift-min={self.overrule_flip_lift_min!r}"
                              " must be >= 0")
-        if self.overrule_flip_count not in FLIP_COUNTS:
-            raise ValueError(
-                f"bounds overrule-flip-count={self.overrule_flip_count!r} is not known; "
-                f"accepted: {', '.join(FLIP_COUNTS)}"
-            )
+        check_known("overrule-flip-count", self.overrule_flip_count, FLIP_COUNTS)
         if self.overrule_gate_rounds < 0:
             raise ValueError(
                 f"bounds overrule-gate-rounds={self.overrule_gate_rounds!r} must be >= 0")
@@ -235,20 +228,9 @@ class BoundSettings:
             )
         if not 0.0 <= self.class_gate <= 1.0:
             raise ValueError(f"bounds class-gate={self.class_gate!r} must be in [0, 1]")
-        if self.overrule_rank not in OVERRULE_RANKS:
-            raise ValueError(
-                f"bounds overrule-rank={self.overrule_rank!r} is not known; "
-                f"accepted: {', '.join(OVERRULE_RANKS)}"
-            )
-        if self.overrule_target not in OVERRULE_TARGETS:
-            raise ValueError(
-                f"bounds overrule-target={self.overrule_target!r} is not known; "
-                f"accepted: {', '.join(OVERRULE_TARGETS)}"
-            )
-        if self.init not in ("quantile", "constant"):
-            raise ValueError(
-                f"bounds init={self.init!r} is not known; accepted: quantile, constant"
-            )
+        check_known("overrule-rank", self.overrule_rank, OVERRULE_RANKS)
+        check_known("overrule-target", self.overrule_target, OVERRULE_TARGETS)
+        check_known("init", self.init, ("quantile", "constant"))
 
     @classmethod
     def run_config_keys(cls) -> tuple[str, ...]:
