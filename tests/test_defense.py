@@ -192,6 +192,21 @@ def test_lean_centred_overrule_target_moves_only_the_class_the_ensemble_leans_on
         BoundSettings(overrule_lean_share=1.0)
 
 
+def test_the_lean_centred_target_never_hands_a_sample_back_to_its_fused_class() -> None:
+    # a fused model that calls everything class 0; an ensemble that calls 8 of 10 samples
+    # class 2, with class 0 a close second: centring class 2 would name class 0 again
+    fused = torch.tensor([[3.0, 0.0, 0.0]] * 10)
+    ensemble = torch.tensor([[2.5, 0.0, 3.0]] * 8 + [[0.0, 3.0, 0.0]] * 2)
+    lean = overrule_targets(ensemble, "ensemble-lean-centred")
+    assert lean[:8].argmax(1).eq(0).all()
+    ref = fidelity_reference("ensemble-switch", fused, ensemble, 3.0,
+                             overrule_target="ensemble-lean-centred")
+    assert ref.overruled.all() and ref.handed_back == 8
+    assert torch.equal(ref.target_logits[:8], ensemble[:8])  # the ensemble's own logits
+    assert torch.equal(ref.target_logits[8:], lean[8:])
+    assert fidelity_reference("ensemble-switch", fused, ensemble, 3.0).handed_back == 0
+
+
 def test_the_reference_logs_the_ensembles_lean() -> None:
     fused = torch.tensor([[0.0, 0.0, 3.0]] * 10)
     ensemble = torch.tensor([[0.0, 3.0, 0.0]] * 7 + [[0.0, 0.0, 3.0]] * 3)

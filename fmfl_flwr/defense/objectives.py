@@ -72,6 +72,9 @@ class Reference:
     gate_class: int = -1
     # the share of the samples the client ensemble's most common class holds (its lean)
     ensemble_top_share: float = float("nan")
+    # how many overruled samples a centred target named their fused class for (the
+    # lean-centred target fits them to the ensemble's own logits instead)
+    handed_back: int = 0
 
 
 def top_class_share(candidates: torch.Tensor, classes: torch.Tensor) -> float:
@@ -283,9 +286,15 @@ def fidelity_reference(
         return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled,
                          **found)
     overruling = overrule_targets(ensemble_logits, overrule_target, overrule_lean_share)
+    # the ensemble disagreed with the fused class on every overruled sample; centring its
+    # logits can name that class again, and fitting to it would keep the trigger's route
+    handed_back = overruled & (overruling.argmax(1) == fused_classes)
+    if overrule_target == "ensemble-lean-centred":
+        overruling = torch.where(handed_back[:, None], ensemble_logits, overruling)
     targets = torch.where(overruled[:, None], overruling, fused_logits)
     weights = torch.where(overruled, float(disagree_weight), unsure)
-    return Reference(targets, weights, agree, overruled, **found)
+    return Reference(targets, weights, agree, overruled, handed_back=int(handed_back.sum()),
+                     **found)
 
 
 def overrule_targets(ensemble_logits: torch.Tensor, kind: str, lean_share: float = 0.5
@@ -301,6 +310,7 @@ def overrule_targets(ensemble_logits: torch.Tensor, kind: str, lean_share: float
     of the samples are moved so; the others keep their logits. Centring every class also
     moves classes the ensemble does not lean on, whose mean logits differ anyway, and on the
     unit tests' toy that left half the trigger uncut (docs/defense.md, stops 53-54).
+    `fidelity_reference` keeps the lean-centred target off the class it overrules.
     """
     check_known("overrule-target", kind, OVERRULE_TARGETS)
     if kind == "ensemble":

@@ -590,6 +590,7 @@ def _fit_bounds(
         "overruled-agreement": fixed,
         **_class_flips(model, images[:reference_size], reference, fused_logits),
         "overruled-share": overruled_share,
+        "overruled-handed-back": reference.handed_back / max(int(reference.overruled.sum()), 1),
         "capped-share": reference.capped_share,
         "cap-top-class-share": reference.cap_top_class_share,
         "cap-rise": reference.cap_rise,
