@@ -37,7 +37,7 @@ def test_defaults_match_pyproject_run_config():
          "syn-label-cap='yes' is not known; accepted: off, pretrain, all"),
         ("bounds-overrule-target", "fused",
          "bounds-overrule-target='fused' is not known; accepted: ensemble, ensemble-centred,"
-         " ensemble-lean-centred"),
+         " ensemble-lean-centred, fused-runner-up"),
         ("bounds-overrule-lean-share", 1.0, "bounds-overrule-lean-share=1.0"),
         ("bounds-overrule-flip-count", "onto-fused",
          "bounds-overrule-flip-count='onto-fused' is not known; accepted: onto-target, off-fused"),

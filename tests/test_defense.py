@@ -207,6 +207,18 @@ def test_the_lean_centred_target_never_hands_a_sample_back_to_its_fused_class() 
     assert fidelity_reference("ensemble-switch", fused, ensemble, 3.0).handed_back == 0
 
 
+def test_the_runner_up_target_is_the_fused_models_reading_without_its_class() -> None:
+    fused = torch.tensor([[4.0, 1.0, 2.0], [0.0, 5.0, -1.0]])
+    ensemble = torch.tensor([[0.0, 9.0, 0.0], [9.0, 0.0, 0.0]])
+    runner_up = overrule_targets(ensemble, "fused-runner-up", fused_logits=fused)
+    assert torch.equal(runner_up, torch.tensor([[1.0, 1.0, 2.0], [0.0, -1.0, -1.0]]))
+    ref = fidelity_reference("ensemble-switch", fused, ensemble, 3.0,
+                             overrule_target="fused-runner-up")
+    assert ref.overruled.all() and torch.equal(ref.target_logits, runner_up)
+    with pytest.raises(ValueError, match="needs the fused logits"):
+        overrule_targets(ensemble, "fused-runner-up")
+
+
 def test_the_reference_logs_the_ensembles_lean() -> None:
     fused = torch.tensor([[0.0, 0.0, 3.0]] * 10)
     ensemble = torch.tensor([[0.0, 3.0, 0.0]] * 7 + [[0.0, 0.0, 3.0]] * 3)
@@ -911,15 +923,17 @@ def test_the_fit_cuts_the_route_once_the_gate_class_is_not_held(backdoored) -> N
     assert held["gate-class"] == spared["gate-class"] == 0  # the gate names the target
 
 
-def test_only_the_lean_centred_target_cuts_the_trigger_as_the_plain_one_does(backdoored) -> None:
+def test_the_lean_centred_and_runner_up_targets_cut_the_trigger_as_the_plain_one_does(
+        backdoored) -> None:
     """On the toy the clean ensemble leans on no class (32-35% each) but its mean logits
     differ by class: centring every class leaves half the trigger (stop 53), centring only
-    a leaned-on class leaves the plain target's fit, which cuts it."""
+    a leaned-on class leaves the plain target's fit, which cuts it; so does fitting the
+    fused model's runner-up class."""
     model, images, ensemble = backdoored
     test_x, test_y = task(300, seed=1)
     stamped = CORNER.stamp(test_x[test_y != 0])
     asr = {}
-    for target in ("ensemble", "ensemble-centred", "ensemble-lean-centred"):
+    for target in ("ensemble", "ensemble-centred", "ensemble-lean-centred", "fused-runner-up"):
         bounded = attach_bounds(copy.deepcopy(model))
         _, stats = optimise_bounds(bounded, images, torch.zeros(len(images)), ensemble,
                                    BoundSettings(granularity="neuron", overrule_target=target))
@@ -927,6 +941,7 @@ def test_only_the_lean_centred_target_cuts_the_trigger_as_the_plain_one_does(bac
         assert stats["ensemble-top-share"] < 0.4
     assert asr["ensemble"] < 0.05 and asr["ensemble-lean-centred"] == asr["ensemble"]
     assert asr["ensemble-centred"] > 0.3
+    assert asr["fused-runner-up"] < 0.05  # the fused model's own reading, its class cut
 
 
 def test_a_named_class_whose_samples_the_bounds_do_not_flip_is_fitted_again_as_clean(

@@ -24,7 +24,7 @@ from torch import nn
 
 OBJECTIVES = ("mm-bm", "agree", "ensemble-switch", "mmac")
 OVERRULE_RANKS = ("confidence", "confidence-drop")
-OVERRULE_TARGETS = ("ensemble", "ensemble-centred", "ensemble-lean-centred")
+OVERRULE_TARGETS = ("ensemble", "ensemble-centred", "ensemble-lean-centred", "fused-runner-up")
 # what counts as an overruled sample flipped by the bounds (`optimise._refuted`): moved onto
 # its overruling target's class, or off the fused model's class to any other
 FLIP_COUNTS = ("onto-target", "off-fused")
@@ -285,7 +285,8 @@ def fidelity_reference(
     if objective == "agree":
         return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled,
                          **found)
-    overruling = overrule_targets(ensemble_logits, overrule_target, overrule_lean_share)
+    overruling = overrule_targets(ensemble_logits, overrule_target, overrule_lean_share,
+                                  fused_logits)
     # the ensemble disagreed with the fused class on every overruled sample; centring its
     # logits can name that class again, and fitting to it would keep the trigger's route
     handed_back = overruled & (overruling.argmax(1) == fused_classes)
@@ -297,8 +298,8 @@ def fidelity_reference(
                      **found)
 
 
-def overrule_targets(ensemble_logits: torch.Tensor, kind: str, lean_share: float = 0.5
-                     ) -> torch.Tensor:
+def overrule_targets(ensemble_logits: torch.Tensor, kind: str, lean_share: float = 0.5,
+                     fused_logits: torch.Tensor | None = None) -> torch.Tensor:
     """The logits the overruled samples are fitted to.
 
     "ensemble": the client ensemble's own. "ensemble-centred": the same with each class's
@@ -311,10 +312,18 @@ def overrule_targets(ensemble_logits: torch.Tensor, kind: str, lean_share: float
     moves classes the ensemble does not lean on, whose mean logits differ anyway, and on the
     unit tests' toy that left half the trigger uncut (docs/defense.md, stops 53-54).
     `fidelity_reference` keeps the lean-centred target off the class it overrules.
+    "fused-runner-up": `fused_logits` with the fused model's own class pushed to the bottom:
+    the ensemble only picks the samples, and the bounds need only cut the route to that
+    class, keeping the fused model's reading of the rest, which has no client's lean.
     """
     check_known("overrule-target", kind, OVERRULE_TARGETS)
     if kind == "ensemble":
         return ensemble_logits
+    if kind == "fused-runner-up":
+        if fused_logits is None:
+            raise ValueError("bounds overrule-target='fused-runner-up' needs the fused logits")
+        own = fused_logits.argmax(1, keepdim=True)
+        return fused_logits.scatter(1, own, fused_logits.amin(1, keepdim=True))
     bias = ensemble_logits.mean(0) - ensemble_logits.mean()
     if kind == "ensemble-lean-centred":
         shares = class_shares(ensemble_logits.argmax(1), ensemble_logits.shape[1])
