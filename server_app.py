@@ -33,7 +33,7 @@ from fmfl_flwr.checkpoint import (
 )
 from fmfl_flwr.config import ExperimentConfig
 from fmfl_flwr.data import load_dataset, to_float
-from fmfl_flwr.defense import ensure_bounds_for_state, make_defense
+from fmfl_flwr.defense import bound_keys, bounds_disabled, ensure_bounds_for_state, make_defense
 from fmfl_flwr.foundation import synthetic_set_for_config
 from fmfl_flwr.foundation.intake import capped_to_request
 from fmfl_flwr.fusion import Fusion
@@ -218,6 +218,10 @@ def main(grid: Grid, context: Context) -> None:
                                                     config.target_label)}
         row["eval-time"] = time.perf_counter() - started
         row["round-time"] = time.perf_counter() - round_started
+        if config.eval_unbounded and bound_keys(state):  # outside the round's time
+            with bounds_disabled(model):
+                unbounded = acc_and_asr(model, test_x, test_y, trigger, config.target_label)
+            row.update({f"{k}-unbounded": v for k, v in unbounded.items()})
         if server_round == 0:
             row["pretrain-time"] = pretrain_time
             if config.syn_label_cap != "off":

@@ -167,6 +167,9 @@ class ExperimentConfig:
     bounds_invert_steps: int = field(default=200, metadata={"min": 1})
     bounds_invert_mask_weight: float = field(default=10.0, metadata={"min": 0.0})
     client_bounds: bool = True
+    # metrics.csv also holds acc-unbounded and asr-unbounded: the served model with its
+    # bounds off, what fusion made, so a round's ACC gap splits into the bounds' and fusion's
+    eval_unbounded: bool = False
     # > 0: clients add this weight times the KL divergence from the served model's softmax
     # on their own data, so training on a few classes forgets less of the others
     client_distill: float = field(default=0.0, metadata={"min": 0.0})
