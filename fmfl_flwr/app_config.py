@@ -70,7 +70,6 @@ def bound_settings(config: ExperimentConfig) -> BoundSettings:
                    overrule_cap_halvings=config.bounds_overrule_cap_halvings,
                    overrule_rank=config.bounds_overrule_rank,
                    overrule_target=config.bounds_overrule_target,
-                   overrule_lean_share=config.bounds_overrule_lean_share,
                    overrule_gate=config.bounds_overrule_gate,
                    overrule_source_max=config.bounds_overrule_source_max,
                    overrule_lift_max=config.bounds_overrule_lift_max,

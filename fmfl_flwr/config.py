@@ -115,10 +115,6 @@ class ExperimentConfig:
     # with its per-class mean over the fit's samples divided out (a non-IID ensemble's bias)
     bounds_overrule_target: str = field(default="ensemble",
                                         metadata=_choices(*OVERRULE_TARGETS))
-    # with the "ensemble-lean-centred" target: only a class the ensemble calls on more than
-    # this share of the fit's samples is centred
-    bounds_overrule_lean_share: float = field(default=0.5,
-                                              metadata={"min": 0.0, "max_exclusive": 1.0})
     # > 0: overrule the cap only where one fused class holds >= this share of it, else
     # fit MM-BM's reference
     bounds_overrule_gate: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})

@@ -36,9 +36,7 @@ def test_defaults_match_pyproject_run_config():
         ("syn-label-cap", "yes",
          "syn-label-cap='yes' is not known; accepted: off, pretrain, all"),
         ("bounds-overrule-target", "fused",
-         "bounds-overrule-target='fused' is not known; accepted: ensemble, ensemble-centred,"
-         " ensemble-lean-centred, fused-runner-up"),
-        ("bounds-overrule-lean-share", 1.0, "bounds-overrule-lean-share=1.0"),
+         "bounds-overrule-target='fused' is not known; accepted: ensemble, ensemble-centred"),
         ("bounds-overrule-flip-count", "onto-fused",
          "bounds-overrule-flip-count='onto-fused' is not known; accepted: onto-target, off-fused"),
     ],
@@ -102,13 +100,12 @@ def test_bounds_defaults_are_the_defense_library_defaults():
                                              bounds_overrule_flip_min=0.2,
                                              bounds_overrule_flip_lift_min=2.5,
                                              bounds_overrule_target="ensemble-centred",
-                                             bounds_overrule_flip_count="off-fused",
-                                             bounds_overrule_lean_share=0.3))
+                                             bounds_overrule_flip_count="off-fused"))
     assert (chosen.overrule_source_max, chosen.overrule_lift_max, chosen.overrule_confidence_min,
             chosen.overrule_gate_rounds, chosen.overrule_cap_halvings,
             chosen.overrule_flip_min, chosen.overrule_flip_lift_min,
-            chosen.overrule_target, chosen.overrule_flip_count, chosen.overrule_lean_share) == (
-                3.0, 2.0, 0.7, 3, 2, 0.2, 2.5, "ensemble-centred", "off-fused", 0.3)
+            chosen.overrule_target, chosen.overrule_flip_count) == (
+                3.0, 2.0, 0.7, 3, 2, 0.2, 2.5, "ensemble-centred", "off-fused")
 
 
 def test_empty_fm_means_the_fm_dir_for_the_dataset(monkeypatch, tmp_path):

@@ -174,56 +174,12 @@ def test_centred_overrule_target_reaches_only_the_overruled_samples() -> None:
     assert ref.target_logits[0].argmax() == 0  # where the raw ensemble said class 1
 
 
-def test_lean_centred_overrule_target_moves_only_the_class_the_ensemble_leans_on() -> None:
-    # the ensemble calls 3 of 4 samples class 0; class 2's logits sit low everywhere, a
-    # bias that comes with no lean (the toy's clean model: -18 against +15 for class 0)
-    ensemble = torch.tensor([[5.0, 1.0, -4.0], [4.0, 0.0, -3.0], [6.0, 2.0, -5.0],
-                             [0.0, 3.0, -4.0]])
-    lean = overrule_targets(ensemble, "ensemble-lean-centred")
-    shift = ensemble[:, 0].mean() - ensemble.mean()
-    assert torch.allclose(lean[:, 0], ensemble[:, 0] - shift)
-    assert torch.equal(lean[:, 1:], ensemble[:, 1:])  # no lean: left as they are
-    assert lean.argmax(1).tolist() == [0, 0, 0, 1]
-    centred = overrule_targets(ensemble, "ensemble-centred")
-    assert not torch.equal(centred[:, 2], ensemble[:, 2])  # every class moved
-    # 3 of 4 is over the default 0.5 but not over 0.75: nothing is a lean there
-    assert torch.equal(overrule_targets(ensemble, "ensemble-lean-centred", 0.75), ensemble)
-    with pytest.raises(ValueError, match=r"overrule-lean-share=1.0 must be in \[0, 1\)"):
-        BoundSettings(overrule_lean_share=1.0)
-
-
-def test_the_lean_centred_target_never_hands_a_sample_back_to_its_fused_class() -> None:
-    # a fused model that calls everything class 0; an ensemble that calls 8 of 10 samples
-    # class 2, with class 0 a close second: centring class 2 would name class 0 again
-    fused = torch.tensor([[3.0, 0.0, 0.0]] * 10)
-    ensemble = torch.tensor([[2.5, 0.0, 3.0]] * 8 + [[0.0, 3.0, 0.0]] * 2)
-    lean = overrule_targets(ensemble, "ensemble-lean-centred")
-    assert lean[:8].argmax(1).eq(0).all()
-    ref = fidelity_reference("ensemble-switch", fused, ensemble, 3.0,
-                             overrule_target="ensemble-lean-centred")
-    assert ref.overruled.all() and ref.handed_back == 8
-    assert torch.equal(ref.target_logits[:8], ensemble[:8])  # the ensemble's own logits
-    assert torch.equal(ref.target_logits[8:], lean[8:])
-    assert fidelity_reference("ensemble-switch", fused, ensemble, 3.0).handed_back == 0
-
-
-def test_the_runner_up_target_is_the_fused_models_reading_without_its_class() -> None:
-    fused = torch.tensor([[4.0, 1.0, 2.0], [0.0, 5.0, -1.0]])
-    ensemble = torch.tensor([[0.0, 9.0, 0.0], [9.0, 0.0, 0.0]])
-    runner_up = overrule_targets(ensemble, "fused-runner-up", fused_logits=fused)
-    assert torch.equal(runner_up, torch.tensor([[1.0, 1.0, 2.0], [0.0, -1.0, -1.0]]))
-    ref = fidelity_reference("ensemble-switch", fused, ensemble, 3.0,
-                             overrule_target="fused-runner-up")
-    assert ref.overruled.all() and torch.equal(ref.target_logits, runner_up)
-    with pytest.raises(ValueError, match="needs the fused logits"):
-        overrule_targets(ensemble, "fused-runner-up")
-
-
 def test_the_reference_logs_the_ensembles_lean() -> None:
     fused = torch.tensor([[0.0, 0.0, 3.0]] * 10)
     ensemble = torch.tensor([[0.0, 3.0, 0.0]] * 7 + [[0.0, 0.0, 3.0]] * 3)
     ref = fidelity_reference("ensemble-switch", fused, ensemble, 3.0)
     assert ref.ensemble_top_share == pytest.approx(0.7)
+    assert fidelity_reference("mm-bm", fused, ensemble).ensemble_top_share != 0.7  # nan
 
 
 def test_optimisation_shrinks_bounds_and_keeps_agreement(trained) -> None:
@@ -921,27 +877,6 @@ def test_the_fit_cuts_the_route_once_the_gate_class_is_not_held(backdoored) -> N
     assert inverted["acc"] > 0.95 and spared["acc"] > 0.95
     assert spared["gate-class-spared-share"] > 0 and held["gate-class-spared-share"] == 0
     assert held["gate-class"] == spared["gate-class"] == 0  # the gate names the target
-
-
-def test_the_lean_centred_and_runner_up_targets_cut_the_trigger_as_the_plain_one_does(
-        backdoored) -> None:
-    """On the toy the clean ensemble leans on no class (32-35% each) but its mean logits
-    differ by class: centring every class leaves half the trigger (stop 53), centring only
-    a leaned-on class leaves the plain target's fit, which cuts it; so does fitting the
-    fused model's runner-up class."""
-    model, images, ensemble = backdoored
-    test_x, test_y = task(300, seed=1)
-    stamped = CORNER.stamp(test_x[test_y != 0])
-    asr = {}
-    for target in ("ensemble", "ensemble-centred", "ensemble-lean-centred", "fused-runner-up"):
-        bounded = attach_bounds(copy.deepcopy(model))
-        _, stats = optimise_bounds(bounded, images, torch.zeros(len(images)), ensemble,
-                                   BoundSettings(granularity="neuron", overrule_target=target))
-        asr[target] = (bounded(stamped).argmax(1) == 0).float().mean().item()
-        assert stats["ensemble-top-share"] < 0.4
-    assert asr["ensemble"] < 0.05 and asr["ensemble-lean-centred"] == asr["ensemble"]
-    assert asr["ensemble-centred"] > 0.3
-    assert asr["fused-runner-up"] < 0.05  # the fused model's own reading, its class cut
 
 
 def test_a_named_class_whose_samples_the_bounds_do_not_flip_is_fitted_again_as_clean(

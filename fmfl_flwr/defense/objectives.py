@@ -24,7 +24,7 @@ from torch import nn
 
 OBJECTIVES = ("mm-bm", "agree", "ensemble-switch", "mmac")
 OVERRULE_RANKS = ("confidence", "confidence-drop")
-OVERRULE_TARGETS = ("ensemble", "ensemble-centred", "ensemble-lean-centred", "fused-runner-up")
+OVERRULE_TARGETS = ("ensemble", "ensemble-centred")
 # what counts as an overruled sample flipped by the bounds (`optimise._refuted`): moved onto
 # its overruling target's class, or off the fused model's class to any other
 FLIP_COUNTS = ("onto-target", "off-fused")
@@ -72,9 +72,6 @@ class Reference:
     gate_class: int = -1
     # the share of the samples the client ensemble's most common class holds (its lean)
     ensemble_top_share: float = float("nan")
-    # how many overruled samples a centred target named their fused class for (the
-    # lean-centred target fits them to the ensemble's own logits instead)
-    handed_back: int = 0
 
 
 def top_class_share(candidates: torch.Tensor, classes: torch.Tensor) -> float:
@@ -193,7 +190,6 @@ def fidelity_reference(
     gate_classes: tuple[int, ...] | None = None,
     overrule_cap_halvings: int = 0,
     overrule_target: str = "ensemble",
-    overrule_lean_share: float = 0.5,
 ) -> Reference:
     """Targets and weights of `objective`; without an ensemble every objective is MM-BM's.
 
@@ -214,8 +210,7 @@ def fidelity_reference(
     on those samples is at least that (`fused_confidence`); with `gate_classes`, only if
     that class is one of them (None: any class may be named). With `overrule_cap_halvings`,
     the capped set is the widest of the cap and its halvings that one class fills
-    (`gated_cap`). The overruled samples are fitted to `overrule_targets`' logits
-    (`overrule_lean_share`: what its lean-centred kind counts as a lean).
+    (`gated_cap`). The overruled samples are fitted to `overrule_targets`' logits.
     Below the gate the fused model is trusted on every sample and counted in `keep`: MM-BM's
     reference, since the non-IID disagreements left out of the agreement count let the
     penalty tighten the bounds until they cost clean ACC. The other disagreements, mostly
@@ -251,8 +246,8 @@ def fidelity_reference(
     top_class = int(fused_classes[members[0]]) if len(members) else -1
     diagnostics = {"cap_source_lift": lift, "cap_fused_confidence": sure,
                    "cap_top_class": top_class, "capped_share": len(capped) / len(fused_logits),
-                   "ensemble_top_share": class_shares(ensemble_classes, fused_logits.shape[1])
-                   .max().item(),
+                   "ensemble_top_share": ensemble_classes.bincount().max().item()
+                   / len(ensemble_classes),
                    "cap_rise": cap_rise(concentration, top_class, caps[0], fused_classes)}
     even = 1.0 / max(fused_logits.shape[1] - 1, 1)  # the share of each other class if spread
     clean_signs = (overrule_source_max > 0 and sources > overrule_source_max * even,
@@ -285,21 +280,13 @@ def fidelity_reference(
     if objective == "agree":
         return Reference(fused_logits, torch.where(overruled, 0.0, unsure), agree, overruled,
                          **found)
-    overruling = overrule_targets(ensemble_logits, overrule_target, overrule_lean_share,
-                                  fused_logits)
-    # the ensemble disagreed with the fused class on every overruled sample; centring its
-    # logits can name that class again, and fitting to it would keep the trigger's route
-    handed_back = overruled & (overruling.argmax(1) == fused_classes)
-    if overrule_target == "ensemble-lean-centred":
-        overruling = torch.where(handed_back[:, None], ensemble_logits, overruling)
+    overruling = overrule_targets(ensemble_logits, overrule_target)
     targets = torch.where(overruled[:, None], overruling, fused_logits)
     weights = torch.where(overruled, float(disagree_weight), unsure)
-    return Reference(targets, weights, agree, overruled, handed_back=int(handed_back.sum()),
-                     **found)
+    return Reference(targets, weights, agree, overruled, **found)
 
 
-def overrule_targets(ensemble_logits: torch.Tensor, kind: str, lean_share: float = 0.5,
-                     fused_logits: torch.Tensor | None = None) -> torch.Tensor:
+def overrule_targets(ensemble_logits: torch.Tensor, kind: str) -> torch.Tensor:
     """The logits the overruled samples are fitted to.
 
     "ensemble": the client ensemble's own. "ensemble-centred": the same with each class's
@@ -307,33 +294,11 @@ def overrule_targets(ensemble_logits: torch.Tensor, kind: str, lean_share: float
     that calls most of D_syn one class gives each overruled sample its opinion beyond that
     bias, not the bias (CIFAR-10 Dirichlet seed 2, round 1: one class took 92% of the cap
     and of every sample, and the served model 62% of the test set; docs/defense.md, stop 51).
-    "ensemble-lean-centred": only the classes the ensemble calls on more than `lean_share`
-    of the samples are moved so; the others keep their logits. Centring every class also
-    moves classes the ensemble does not lean on, whose mean logits differ anyway, and on the
-    unit tests' toy that left half the trigger uncut (docs/defense.md, stops 53-54).
-    `fidelity_reference` keeps the lean-centred target off the class it overrules.
-    "fused-runner-up": `fused_logits` with the fused model's own class pushed to the bottom:
-    the ensemble only picks the samples, and the bounds need only cut the route to that
-    class, keeping the fused model's reading of the rest, which has no client's lean.
     """
     check_known("overrule-target", kind, OVERRULE_TARGETS)
     if kind == "ensemble":
         return ensemble_logits
-    if kind == "fused-runner-up":
-        if fused_logits is None:
-            raise ValueError("bounds overrule-target='fused-runner-up' needs the fused logits")
-        own = fused_logits.argmax(1, keepdim=True)
-        return fused_logits.scatter(1, own, fused_logits.amin(1, keepdim=True))
-    bias = ensemble_logits.mean(0) - ensemble_logits.mean()
-    if kind == "ensemble-lean-centred":
-        shares = class_shares(ensemble_logits.argmax(1), ensemble_logits.shape[1])
-        bias = torch.where(shares > lean_share, bias, 0.0)
-    return ensemble_logits - bias
-
-
-def class_shares(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The share of `classes` (one per sample) each of `num_classes` holds."""
-    return torch.bincount(classes, minlength=num_classes).float() / max(len(classes), 1)
+    return ensemble_logits - ensemble_logits.mean(0, keepdim=True) + ensemble_logits.mean()
 
 
 def flipped_agreements(agree: torch.Tensor, fused_logits: torch.Tensor,

@@ -106,10 +106,6 @@ class BoundSettings:
     overrule_rank: str = "confidence-drop"
     # what the overruled samples are fitted to (`objectives.overrule_targets`)
     overrule_target: str = "ensemble"
-    # with overrule_target "ensemble-lean-centred": a class the client ensemble calls on
-    # more than this share of the fit's samples is one it leans on, and only such a class
-    # is centred
-    overrule_lean_share: float = 0.5
     # > 0: overrule the capped set only if one fused class holds >= this share of it (a
     # backdoor's target; a clean D_syn's suspects spread over the classes), else fit
     # MM-BM's reference; 0.5 kept clean ACC within a point (docs/defense.md, stop 18)
@@ -234,9 +230,6 @@ class BoundSettings:
             raise ValueError(f"bounds class-gate={self.class_gate!r} must be in [0, 1]")
         check_known("overrule-rank", self.overrule_rank, OVERRULE_RANKS)
         check_known("overrule-target", self.overrule_target, OVERRULE_TARGETS)
-        if not 0.0 <= self.overrule_lean_share < 1.0:
-            raise ValueError(f"bounds overrule-lean-share={self.overrule_lean_share!r}"
-                             " must be in [0, 1)")
         check_known("init", self.init, ("quantile", "constant"))
 
     @classmethod
@@ -491,7 +484,7 @@ def _fit_bounds(
         settings.overrule_rank, bounded_logits, settings.excuse_flips, settings.overrule_gate,
         settings.gate_class_weight, settings.overrule_source_max, settings.overrule_lift_max,
         settings.overrule_confidence_min, settings.gate_classes, settings.overrule_cap_halvings,
-        settings.overrule_target, settings.overrule_lean_share,
+        settings.overrule_target,
     )
     trim = settings.trim if ensemble_logits is None and settings.objective in TRIMMING else 0.0
     measured = _agreement_of(bounded_logits.argmax(1), reference, trim, settings.class_gate)
@@ -590,7 +583,6 @@ def _fit_bounds(
         "overruled-agreement": fixed,
         **_class_flips(model, images[:reference_size], reference, fused_logits),
         "overruled-share": overruled_share,
-        "overruled-handed-back": reference.handed_back / max(int(reference.overruled.sum()), 1),
         "capped-share": reference.capped_share,
         "cap-top-class-share": reference.cap_top_class_share,
         "cap-rise": reference.cap_rise,
