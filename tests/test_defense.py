@@ -1249,22 +1249,6 @@ def test_the_split_follows_the_poison_where_the_bounds_keep_most_of_it() -> None
     assert suspected.tolist() == [True] * 6 + [False] * 4
 
 
-def test_the_split_keeps_at_most_the_cap_nearest_the_poison() -> None:
-    """The bounds flip a poisoned sample (0 degrees) and a clean one of the target (45):
-    the split takes both groups in. Under a cap of 0.3 only the three samples that lean
-    most toward the suspected side and away from the kept images (90) stay: the poison."""
-    features = degrees(0, 5, 10, 40, 45, 90, 92, 88, 95, 91)
-    labels = torch.zeros(10, dtype=torch.long)
-    unbounded = torch.nn.functional.one_hot(labels, 2).float()
-    bounded = unbounded.clone()
-    bounded[[0, 4]] = torch.tensor([0.0, 1.0])
-    suspected = suspected_poison(features, unbounded, bounded, labels, target=0)
-    assert suspected.tolist() == [True] * 5 + [False] * 5
-    capped = suspected_poison(features, unbounded, bounded, labels, target=0, cap=0.3)
-    assert capped.tolist() == [True] * 3 + [False] * 7
-    assert suspected_poison(features, unbounded, bounded, labels, 0, cap=0.5).equal(suspected)
-
-
 def flip(count: int, flipped: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Labels (all the target), unbounded and bounded logits: the bounds flip `flipped`."""
     labels = torch.zeros(count, dtype=torch.long)
