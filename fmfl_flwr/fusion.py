@@ -55,7 +55,6 @@ class FusionSettings:
     relabel_cap: float = 1.0  # at most this share of D_syn relabelled (the bounds' overrule cap)
     unlearn_poison: bool = False  # the named target's suspected poison taught away from it
     unlearn_to_teacher: bool = False  # ... and toward the teacher's other classes
-    unlearn_cap: float = 1.0  # at most this share of D_syn unlearned (the bounds' overrule cap)
     pretrain_lr_schedule: str = "constant"  # or "cosine": the rate annealed to 0
 
 
@@ -114,7 +113,7 @@ def flipped_from_target(labels: torch.Tensor, unbounded_logits: torch.Tensor,
 
 def suspected_poison(features: torch.Tensor, unbounded_logits: torch.Tensor,
                      bounded_logits: torch.Tensor, labels: torch.Tensor,
-                     target: int, max_steps: int = 20, cap: float = 1.0) -> torch.Tensor:
+                     target: int, max_steps: int = 20) -> torch.Tensor:
     """Which samples labelled `target` sit with the poison: a boolean mask over `labels`.
 
     Last round's bounds cut the trigger where they work: the samples labelled `target` that
@@ -129,11 +128,7 @@ def suspected_poison(features: torch.Tensor, unbounded_logits: torch.Tensor,
     99.6-100% (stop 30, `bench/kept_split.py`). 2-means may end
     with the start's side on clean images and the other side on the poison, so the
     poison's side is the one holding more of the flipped samples (a tie: more of the
-    start). Nothing is suspected until the bounds both flip and keep some. At most `cap`
-    of all samples are suspected (`within_cap`): where the bounds flip nearly all of the
-    target's images, the kept ones are poison too, and the split takes in the class's clean
-    images (CIFAR-10 Dirichlet seed 2, stop 54: 26.5% of D_syn at 66% precision, and
-    fusion taught the class away: 3.5% recall after round 3).
+    start). Nothing is suspected until the bounds both flip and keep some.
     """
     mine = labels == target
     flipped = flipped_from_target(labels, unbounded_logits, bounded_logits, target)
@@ -141,14 +136,7 @@ def suspected_poison(features: torch.Tensor, unbounded_logits: torch.Tensor,
     if not flipped.any() or not kept.any():
         return torch.zeros_like(mine)
     unit = F.normalize(features.float(), dim=1)
-    suspected = poison_side(unit, mine, flipped, kept, max_steps)
-    return within_cap(suspected, unbounded_logits, bounded_logits, target, cap)
 
-
-def poison_side(unit: torch.Tensor, mine: torch.Tensor, flipped: torch.Tensor,
-                kept: torch.Tensor, max_steps: int) -> torch.Tensor:
-    """`suspected_poison`'s 2-means split of `mine` (unit features), started from the
-    samples nearer the `flipped` ones' mean than the `kept` ones'."""
     def nearer_first(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         toward_first = unit @ F.normalize(unit[first].mean(0), dim=0)
         return mine & (toward_first > unit @ F.normalize(unit[second].mean(0), dim=0))
@@ -165,20 +153,6 @@ def poison_side(unit: torch.Tensor, mine: torch.Tensor, flipped: torch.Tensor,
             break
         suspected = moved
     return suspected if holds(suspected) >= holds(mine & ~suspected) else mine & ~suspected
-
-
-def within_cap(suspected: torch.Tensor, unbounded_logits: torch.Tensor,
-               bounded_logits: torch.Tensor, target: int, cap: float) -> torch.Tensor:
-    """`suspected` cut to at most `cap` of all samples: those whose probability of
-    `target` the bounds take down most (unchanged where it fits). The trigger makes the
-    unbounded model sure of its target, a clean image of the class far less so: on CIFAR-10
-    Dirichlet seed 2 the top 20% held the split's whole poison at 87% precision, where
-    leaning toward the split's mean feature held 60% (stop 54, ground truth)."""
-    if int(suspected.sum()) <= int(cap * len(suspected)):
-        return suspected
-    drop = unbounded_logits.softmax(1)[:, target] - bounded_logits.softmax(1)[:, target]
-    chosen = most_suspect(torch.nonzero(suspected).flatten(), drop, cap)
-    return torch.zeros_like(suspected).index_fill_(0, chosen, True)
 
 
 def distill(model: nn.Module, teacher_logits: torch.Tensor, syn_x: torch.Tensor,
@@ -331,8 +305,7 @@ class Fusion:
             bounded = predict_logits(model, self.syn_x)
             with bounds_disabled(model):
                 unbounded, features = logits_and_features(model, self.syn_x)
-            suspected = suspected_poison(features, unbounded, bounded, self.syn_y, target,
-                                         cap=self.settings.unlearn_cap)
+            suspected = suspected_poison(features, unbounded, bounded, self.syn_y, target)
             if suspected.any():
                 self.suspected, self.suspected_target = suspected, target
         share = 0.0 if suspected is None else suspected.float().mean().item()

@@ -156,13 +156,6 @@ def test_unlearning_toward_the_teacher_needs_unlearning():
     assert fusion_settings(config).unlearn_to_teacher
 
 
-def test_fusion_unlearns_and_relabels_at_most_the_bounds_overrule_cap():
-    from fmfl_flwr.app_config import fusion_settings
-
-    settings = fusion_settings(ExperimentConfig.from_run_config({"bounds-overrule-cap": 0.15}))
-    assert settings.unlearn_cap == settings.relabel_cap == 0.15
-
-
 def test_lifting_the_bounds_needs_a_client_attack():
     with pytest.raises(ConfigError, match="attack-lift-bounds=true needs a client-attack"):
         ExperimentConfig.from_run_config({"attack-lift-bounds": True})

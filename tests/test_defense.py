@@ -1249,23 +1249,6 @@ def test_the_split_follows_the_poison_where_the_bounds_keep_most_of_it() -> None
     assert suspected.tolist() == [True] * 6 + [False] * 4
 
 
-def test_the_split_keeps_at_most_the_cap_the_bounds_take_furthest_off_the_target() -> None:
-    """The split takes in the poison (0-10 degrees) and two clean images of the target
-    (40-45). Under a cap of 0.3 only the three whose probability of the target the bounds
-    take down most stay: the poison, of which the unbounded model is sure."""
-    features = degrees(0, 5, 10, 40, 45, 90, 92, 88, 95, 91)
-    labels = torch.zeros(10, dtype=torch.long)
-    unbounded = torch.tensor([[3.0, 0.0]] * 3 + [[0.5, 0.0]] * 2 + [[3.0, 0.0]] * 5)
-    bounded = unbounded.clone()
-    bounded[[0, 4]] = torch.tensor([0.0, 1.0])  # the bounds flip a poisoned and a clean one
-    bounded[[1, 2, 3]] = torch.tensor([0.2, 0.0])  # and lower the rest of the split
-    suspected = suspected_poison(features, unbounded, bounded, labels, target=0)
-    assert suspected.tolist() == [True] * 5 + [False] * 5
-    capped = suspected_poison(features, unbounded, bounded, labels, target=0, cap=0.3)
-    assert capped.tolist() == [True] * 3 + [False] * 7
-    assert suspected_poison(features, unbounded, bounded, labels, 0, cap=0.5).equal(suspected)
-
-
 def flip(count: int, flipped: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Labels (all the target), unbounded and bounded logits: the bounds flip `flipped`."""
     labels = torch.zeros(count, dtype=torch.long)
