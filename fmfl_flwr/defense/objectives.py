@@ -246,8 +246,8 @@ def fidelity_reference(
     top_class = int(fused_classes[members[0]]) if len(members) else -1
     diagnostics = {"cap_source_lift": lift, "cap_fused_confidence": sure,
                    "cap_top_class": top_class, "capped_share": len(capped) / len(fused_logits),
-                   "ensemble_top_share": ensemble_classes.bincount().max().item()
-                   / len(ensemble_classes),
+                   "ensemble_top_share": top_class_share(torch.arange(len(ensemble_classes)),
+                                                         ensemble_classes),
                    "cap_rise": cap_rise(concentration, top_class, caps[0], fused_classes)}
     even = 1.0 / max(fused_logits.shape[1] - 1, 1)  # the share of each other class if spread
     clean_signs = (overrule_source_max > 0 and sources > overrule_source_max * even,
