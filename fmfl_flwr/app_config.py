@@ -52,7 +52,6 @@ def fusion_settings(config: ExperimentConfig) -> FusionSettings:
                           unlearn_poison=config.distill_unlearn_poison and
                           config.defense == "activation-bounds",
                           unlearn_to_teacher=config.distill_unlearn_teacher,
-                          unlearn_spare_agreed=config.distill_unlearn_spare_agreed,
                           pretrain_lr_schedule=config.pretrain_lr_schedule)
 
 

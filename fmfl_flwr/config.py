@@ -79,8 +79,6 @@ class ExperimentConfig:
     distill_unlearn_poison: bool = True
     # ... and teaches that poison the client ensemble's other classes (KL without the target)
     distill_unlearn_teacher: bool = False
-    # ... but spares the suspects the client ensemble calls the target (docs/defense.md)
-    distill_unlearn_spare_agreed: bool = False
     defense: str = "activation-bounds"  # checked against the registry (fmfl_flwr.app_config)
     # activation-bounds knobs (fmfl_flwr.defense.BoundSettings; docs/defense.md)
     bounds_objective: str = field(default="ensemble-switch", metadata=_choices(
@@ -237,11 +235,10 @@ class ExperimentConfig:
                 "defense='activation-bounds' (the defense whose overrule gate names the "
                 f"target); got fusion={self.fusion}, defense={self.defense!r}"
             )
-        for key in ("distill-unlearn-teacher", "distill-unlearn-spare-agreed"):
-            if getattr(self, key.replace("-", "_")) and not self.distill_unlearn_poison:
-                raise ConfigError(f"{key}=true changes how the suspected poison is unlearned "
-                                  "and needs distill-unlearn-poison=true; got "
-                                  "distill-unlearn-poison=false")
+        if self.distill_unlearn_teacher and not self.distill_unlearn_poison:
+            raise ConfigError("distill-unlearn-teacher=true changes how the suspected poison "
+                              "is unlearned and needs distill-unlearn-poison=true; got "
+                              "distill-unlearn-poison=false")
 
     def to_run_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}

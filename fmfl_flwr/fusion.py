@@ -14,10 +14,7 @@ poison in the features of the model last served (`suspected_poison`) are taught 
 from the target instead: -log(1 - p_target) in place of their CE term, and no KL to a
 teacher that may share their backdoor; with `unlearn_to_teacher` their KL term stays,
 to the teacher with the target class taken out (`without_class`), so the poison's
-images also teach the classes they show. With `unlearn_spare_agreed`, the suspects the
-round's client ensemble also calls the target are spared (fused as any other sample): the
-clients see real data through the bounds, so they call the poison its true class and
-the target class's own images the target.
+images also teach the classes they show.
 """
 
 from __future__ import annotations
@@ -58,7 +55,6 @@ class FusionSettings:
     relabel_cap: float = 1.0  # at most this share of D_syn relabelled (the bounds' overrule cap)
     unlearn_poison: bool = False  # the named target's suspected poison taught away from it
     unlearn_to_teacher: bool = False  # ... and toward the teacher's other classes
-    unlearn_spare_agreed: bool = False  # ... but not the suspects the ensemble calls the target
     pretrain_lr_schedule: str = "constant"  # or "cosine": the rate annealed to 0
 
 
@@ -266,8 +262,6 @@ class Fusion:
         labels = self._labels(target, stats)
         unlearn = self._suspects(state, target, stats)
         self.unlearned_share = stats.get("unlearned-share", 0.0)
-        if unlearn is not None and self.settings.unlearn_spare_agreed:
-            unlearn = self._spare_agreed(unlearn, target, stats)
         if stats:
             self.history.append({"round": float(server_round), **stats})
         torch.manual_seed(self.settings.seed * 7919 + server_round)
@@ -318,20 +312,6 @@ class Fusion:
         stats.update({"unlearn-target": -1.0 if target is None else float(target),
                       "unlearned-share": share})
         return suspected if share > 0 else None  # none suspected: the plain fusion
-
-    def _spare_agreed(self, suspected: torch.Tensor, target: int,
-                      stats: dict[str, float]) -> torch.Tensor | None:
-        """`suspected` less the samples this round's client ensemble calls `target`.
-
-        A split that takes in the target class's own images teaches that class away (CIFAR-10
-        Dirichlet, stop 54: class 0 at 3.5% recall); the clients, trained on real data
-        through the bounds, call those images the target and the poison its true class.
-        The trust rule still reads the whole split (`unlearned_share`): it is the split's
-        cover of the gate's finding that tells whether the poison was found."""
-        agreed = suspected & (self.last_ensemble_logits.argmax(1) == target)
-        stats["unlearn-spared-share"] = agreed.float().mean().item()
-        unlearn = suspected & ~agreed
-        return unlearn if unlearn.any() else None
 
     def served(self, state: StateDict) -> StateDict:
         """The model last served: last round's fused weights under the bounds `state` (the
