@@ -8,7 +8,9 @@ rounds (tests/test_resume.py). The finished run's folder is left as it is.
 
 The defense's per-fit knobs (`bounds-*`) may change for the rounds to come, to ask what a
 setting would do from there on without rerunning the rounds before it; the new folder's
-`extension.json` records which keys changed and after which round.
+`extension.json` records which keys changed and after which round, and which keys the run
+recorded that this version no longer has (dropped: Flower refuses a run config with keys
+the app does not declare, and no code here reads them).
 
     run_config, num_nodes = prepare_extension(Path("results/quick/fedavg"), 8,
                                               Path("results/quick-r8"))
@@ -45,7 +47,8 @@ def prepare_extension(run_dir: Path, rounds: int, output_dir: Path, num_nodes: i
 
     The keys a later version added are filled as the run's version ran without them
     (`complete_run_config`, from `defaults`, the app's run config), so that Flower, which
-    fills missing keys from the app's defaults, resumes the checkpoint's configuration.
+    fills missing keys from the app's defaults, resumes the checkpoint's configuration;
+    the keys a later version removed are dropped.
     """
     source = run_dir / FINAL_FILE
     if not source.exists():
@@ -68,6 +71,8 @@ def prepare_extension(run_dir: Path, rounds: int, output_dir: Path, num_nodes: i
     run_config = {**complete_run_config(payload["run_config"], defaults or {}),
                   "num-server-rounds": rounds, "output-dir": str(output_dir.resolve()),
                   "run-name": name}
+    dropped = {k: v for k, v in run_config.items() if defaults and k not in defaults}
+    run_config = {k: v for k, v in run_config.items() if k not in dropped}
     lost = sorted(k for k, v in run_config.items() if v is None)
     if lost:
         raise ExtensionError(f"{run_dir} ran before {', '.join(lost)} existed, and no value "
@@ -80,10 +85,10 @@ def prepare_extension(run_dir: Path, rounds: int, output_dir: Path, num_nodes: i
     target.mkdir(parents=True, exist_ok=True)
     run_config = {**run_config, **(changes or {})}
     torch.save({**payload, "run_config": run_config}, target / FILE)
-    if changed:
+    if changed or dropped:
         (target / "extension.json").write_text(json.dumps(
             {"extended-from": str(run_dir.resolve()), "after-round": payload["round"],
-             "changed": changed}, indent=2) + "\n")
+             "changed": changed, "dropped": dropped}, indent=2) + "\n")
     return run_config, num_nodes or recorded
 
 

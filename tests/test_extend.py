@@ -82,6 +82,18 @@ def test_a_run_from_before_a_key_no_value_repeats_is_not_extended(finished, tmp_
     assert not (tmp_path / "new").exists()
 
 
+def test_keys_a_later_version_removed_are_dropped_and_recorded(tmp_path):
+    """Flower refuses a run config with a key the app no longer declares ("Invalid run
+    configuration"), so the extension drops it and says so in extension.json."""
+    old = finished_run(tmp_path, {**app_defaults(), **RUN_CONFIG, "bounds-gone-knob": 0.5})
+    run_config, _ = prepare_extension(old, 5, tmp_path / "new", defaults=app_defaults())
+    assert "bounds-gone-knob" not in run_config and set(run_config) == set(app_defaults())
+    run_dir = tmp_path / "new" / "fedavg-seed1"
+    assert load_checkpoint(run_dir, run_config)["run_config"] == run_config
+    record = json.loads((run_dir / "extension.json").read_text())
+    assert record["dropped"] == {"bounds-gone-knob": 0.5} and record["changed"] == {}
+
+
 def test_a_checkpoint_without_a_node_count_needs_one(tmp_path):
     run_dir = tmp_path / "old"
     run_dir.mkdir()
