@@ -52,6 +52,9 @@ def fusion_settings(config: ExperimentConfig) -> FusionSettings:
                           unlearn_poison=config.distill_unlearn_poison and
                           config.defense == "activation-bounds",
                           unlearn_to_teacher=config.distill_unlearn_teacher,
+                          unlearn_restore_target=config.distill_unlearn_restore_target,
+                          unlearn_cap=config.bounds_overrule_cap
+                          if config.distill_unlearn_restore_target else 1.0,
                           pretrain_lr_schedule=config.pretrain_lr_schedule)
 
 

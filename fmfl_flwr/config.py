@@ -79,6 +79,8 @@ class ExperimentConfig:
     distill_unlearn_poison: bool = True
     # ... and teaches that poison the client ensemble's other classes (KL without the target)
     distill_unlearn_teacher: bool = False
+    # ... at most bounds-overrule-cap of D_syn, the target's kept images weighted up
+    distill_unlearn_restore_target: bool = False
     defense: str = "activation-bounds"  # checked against the registry (fmfl_flwr.app_config)
     # activation-bounds knobs (fmfl_flwr.defense.BoundSettings; docs/defense.md)
     bounds_objective: str = field(default="ensemble-switch", metadata=_choices(
@@ -238,6 +240,10 @@ class ExperimentConfig:
         if self.distill_unlearn_teacher and not self.distill_unlearn_poison:
             raise ConfigError("distill-unlearn-teacher=true changes how the suspected poison "
                               "is unlearned and needs distill-unlearn-poison=true; got "
+                              "distill-unlearn-poison=false")
+        if self.distill_unlearn_restore_target and not self.distill_unlearn_poison:
+            raise ConfigError("distill-unlearn-restore-target=true changes how the suspected "
+                              "poison is unlearned and needs distill-unlearn-poison=true; got "
                               "distill-unlearn-poison=false")
 
     def to_run_config(self) -> dict[str, Any]:

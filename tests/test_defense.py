@@ -47,6 +47,7 @@ from fmfl_flwr.fusion import (
     FusionSettings,
     distill,
     relabel_disputed,
+    restored_target_weights,
     suspected_poison,
     without_class,
 )
@@ -1247,6 +1248,61 @@ def test_the_split_follows_the_poison_where_the_bounds_keep_most_of_it() -> None
     assert start.tolist() == [True] * 3 + [False] * 7
     suspected = suspected_poison(features, unbounded, bounded, labels, target=0)
     assert suspected.tolist() == [True] * 6 + [False] * 4
+
+
+def test_the_split_keeps_at_most_the_cap_the_bounds_take_furthest_off_the_target() -> None:
+    """The split takes in the poison (0-10 degrees) and two clean images of the target
+    (40-45). Under a cap of 0.3 only the three whose probability of the target the bounds
+    take down most stay: the poison, of which the unbounded model is sure."""
+    features = degrees(0, 5, 10, 40, 45, 90, 92, 88, 95, 91)
+    labels = torch.zeros(10, dtype=torch.long)
+    unbounded = torch.tensor([[3.0, 0.0]] * 3 + [[0.5, 0.0]] * 2 + [[3.0, 0.0]] * 5)
+    bounded = unbounded.clone()
+    bounded[[0, 4]] = torch.tensor([0.0, 1.0])  # the bounds flip a poisoned and a clean one
+    bounded[[1, 2, 3]] = torch.tensor([0.2, 0.0])  # and lower the rest of the split
+    suspected = suspected_poison(features, unbounded, bounded, labels, target=0)
+    assert suspected.tolist() == [True] * 5 + [False] * 5
+    capped = suspected_poison(features, unbounded, bounded, labels, target=0, cap=0.3)
+    assert capped.tolist() == [True] * 3 + [False] * 7
+    assert suspected_poison(features, unbounded, bounded, labels, 0, cap=0.5).equal(suspected)
+
+
+def test_the_kept_target_images_carry_the_whole_labels_ce_weight() -> None:
+    labels = torch.tensor([0, 0, 0, 0, 1, 2])
+    unlearn = torch.tensor([True, True, True, False, False, False])
+    assert restored_target_weights(labels, unlearn, 0).tolist() == [1, 1, 1, 4, 1, 1]
+    everything = labels == 0  # nothing of the label kept: nothing to weight
+    assert restored_target_weights(labels, everything, 0).tolist() == [1] * 6
+
+
+def test_restoring_the_target_weight_keeps_the_class_a_split_took_half_of(backdoored) -> None:
+    """A split that took in half of class 0's clean images beside the poison, and a
+    teacher that never calls class 0 (CIFAR-10 Dirichlet, stop 55): unlearning leaves
+    class 0 to the kept half and it starves; with `unlearn_restore_target` that half
+    carries the label's CE weight and the class stays, the trigger still gone."""
+    model, images, ensemble = backdoored
+    _, labels = poisoned_task()
+    poison = labels != task(900)[1]
+    clean_zero = torch.nonzero((labels == 0) & ~poison).flatten()
+    unlearn = poison.clone()
+    unlearn[clean_zero[: len(clean_zero) // 2]] = True
+    blind = ensemble.clone()
+    blind[:, 0] = ensemble.min() - 5
+    test_x, test_y = task(300, seed=1)
+    found = {}
+    for restore in (False, True):
+        student = copy.deepcopy(model)
+        distill(student, blind, images, labels,
+                FusionSettings(epochs=3, alpha=0.9, lr=0.01, unlearn_restore_target=restore),
+                round_seed=1, unlearn=unlearn, target=0)
+        student.eval()
+        with torch.no_grad():
+            predicted = student(test_x).argmax(1)
+            stamped = CORNER.stamp(test_x[test_y != 0])
+            found[restore] = {"recall": (predicted[test_y == 0] == 0).float().mean().item(),
+                              "asr": (student(stamped).argmax(1) == 0).float().mean().item()}
+    assert found[False]["recall"] < 0.6 and found[True]["recall"] > 0.75
+    assert found[True]["asr"] < 0.05
 
 
 def flip(count: int, flipped: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
