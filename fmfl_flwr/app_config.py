@@ -55,6 +55,7 @@ def fusion_settings(config: ExperimentConfig) -> FusionSettings:
                           unlearn_restore_target=config.distill_unlearn_restore_target,
                           unlearn_cap=config.bounds_overrule_cap
                           if config.distill_unlearn_restore_target else 1.0,
+                          requested_per_class=config.syn_per_class,
                           pretrain_lr_schedule=config.pretrain_lr_schedule)
 
 

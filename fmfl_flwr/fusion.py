@@ -16,8 +16,8 @@ teacher that may share their backdoor; with `unlearn_to_teacher` their KL term s
 to the teacher with the target class taken out (`without_class`), so the poison's
 images also teach the classes they show. With `unlearn_restore_target` the split is cut
 to the bounds' overrule cap (`within_cap`) and the target's images left out of it carry
-the CE weight of the whole label (`restored_target_weights`), so unlearning does not
-starve the target class.
+the CE weight of the count the server asked for per class (`restored_target_weights`),
+so unlearning does not starve the target class.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class FusionSettings:
     unlearn_to_teacher: bool = False  # ... and toward the teacher's other classes
     unlearn_restore_target: bool = False  # the split capped, the kept target images weighted
     unlearn_cap: float = 1.0  # at most this share of D_syn unlearned
+    requested_per_class: int = 1000  # the D_syn images the server asked for per class
     pretrain_lr_schedule: str = "constant"  # or "cosine": the rate annealed to 0
 
 
@@ -183,20 +184,23 @@ def within_cap(suspected: torch.Tensor, unbounded_logits: torch.Tensor,
     return torch.zeros_like(suspected).index_fill_(0, chosen, True)
 
 
-def restored_target_weights(labels: torch.Tensor, unlearn: torch.Tensor,
-                            target: int) -> torch.Tensor:
+def restored_target_weights(labels: torch.Tensor, unlearn: torch.Tensor, target: int,
+                            requested: int) -> torch.Tensor:
     """Per-sample CE weights: 1, except the samples labelled `target` outside `unlearn`,
-    which share the weight the whole label had (its count over theirs).
+    which share the weight of the `requested` images the server asked for per class
+    where fewer are kept (never less than 1).
 
     Unlearning pushes the target's probability down on every suspect and a non-IID teacher
     may never call the class (CIFAR-10 Dirichlet, stop 55: one client holds 90% of class
     0 and the mean-logit ensemble calls none of its images 0), so the few kept images
     alone teach the class and it starves (6.1% recall with a precise split, stop 54).
+    The label's own count is no measure: the poison inflates it (stop 56: weighted to it,
+    class 0 took 31% of the test set's predictions).
     """
     weights = torch.ones(len(labels))
     kept = (labels == target) & ~unlearn
     if kept.any():
-        weights[kept] = float((labels == target).sum()) / float(kept.sum())
+        weights[kept] = max(1.0, requested / float(kept.sum()))
     return weights
 
 
@@ -214,8 +218,9 @@ def distill(model: nn.Module, teacher_logits: torch.Tensor, syn_x: torch.Tensor,
     model.to(device).train()
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
     tau, alpha = settings.tau, settings.alpha
-    ce_weights = restored_target_weights(syn_y, unlearn, target) \
-        if unlearn is not None and settings.unlearn_restore_target else torch.ones(len(syn_y))
+    ce_weights = torch.ones(len(syn_y))
+    if unlearn is not None and settings.unlearn_restore_target:
+        ce_weights = restored_target_weights(syn_y, unlearn, target, settings.requested_per_class)
 
     def batch_loss(batch: torch.Tensor) -> torch.Tensor:
         logits = model(syn_x[batch].to(device))

@@ -168,6 +168,7 @@ def test_restoring_the_target_needs_unlearning_and_caps_the_split():
     restored = fusion_settings(ExperimentConfig.from_run_config(
         {"bounds-overrule-cap": 0.15, "distill-unlearn-restore-target": True}))
     assert restored.unlearn_restore_target and restored.unlearn_cap == 0.15
+    assert restored.requested_per_class == 1000  # syn-per-class
 
 
 def test_lifting_the_bounds_needs_a_client_attack():
