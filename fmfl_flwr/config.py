@@ -79,8 +79,9 @@ class ExperimentConfig:
     distill_unlearn_poison: bool = True
     # ... and teaches that poison the client ensemble's other classes (KL without the target)
     distill_unlearn_teacher: bool = False
-    # ... at most bounds-overrule-cap of D_syn, the target's kept images weighted up
-    distill_unlearn_restore_target: bool = False
+    # ... at most bounds-overrule-cap of D_syn, the target's kept images weighted up to the
+    # requested count (acts only where fusion unlearns; docs/defense.md, stop 56)
+    distill_unlearn_restore_target: bool = True
     defense: str = "activation-bounds"  # checked against the registry (fmfl_flwr.app_config)
     # activation-bounds knobs (fmfl_flwr.defense.BoundSettings; docs/defense.md)
     bounds_objective: str = field(default="ensemble-switch", metadata=_choices(
@@ -241,10 +242,6 @@ class ExperimentConfig:
             raise ConfigError("distill-unlearn-teacher=true changes how the suspected poison "
                               "is unlearned and needs distill-unlearn-poison=true; got "
                               "distill-unlearn-poison=false")
-        if self.distill_unlearn_restore_target and not self.distill_unlearn_poison:
-            raise ConfigError("distill-unlearn-restore-target=true changes how the suspected "
-                              "poison is unlearned and needs distill-unlearn-poison=true; got "
-                              "distill-unlearn-poison=false")
 
     def to_run_config(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -327,6 +324,7 @@ BEFORE_THE_KEY: dict[str, Any] = {
     "bounds-overrule-gate-rounds": 0,  # stop 40: any round's gate could name a new target
     "bounds-overrule-cap-halvings": 0,  # stop 41: the gate tested the whole cap alone
     "bounds-overrule-flip-lift-min": 0.0,  # stop 43: the gate did not weigh the fit's flips
+    "distill-unlearn-restore-target": False,  # stop 56: the split uncapped, no weights
 }
 
 

@@ -156,19 +156,15 @@ def test_unlearning_toward_the_teacher_needs_unlearning():
     assert fusion_settings(config).unlearn_to_teacher
 
 
-def test_restoring_the_target_needs_unlearning_and_caps_the_split():
+def test_restoring_the_target_caps_the_split_at_the_bounds_overrule_cap():
     from fmfl_flwr.app_config import fusion_settings
 
-    with pytest.raises(ConfigError, match="distill-unlearn-restore-target=true .* needs "
-                                          "distill-unlearn-poison=true"):
-        ExperimentConfig.from_run_config({"distill-unlearn-restore-target": True,
-                                          "distill-unlearn-poison": False})
-    plain = fusion_settings(ExperimentConfig.from_run_config({"bounds-overrule-cap": 0.15}))
+    shipped = fusion_settings(ExperimentConfig.from_run_config({"bounds-overrule-cap": 0.15}))
+    assert shipped.unlearn_restore_target and shipped.unlearn_cap == 0.15
+    assert shipped.requested_per_class == 1000  # syn-per-class
+    plain = fusion_settings(ExperimentConfig.from_run_config(
+        {"bounds-overrule-cap": 0.15, "distill-unlearn-restore-target": False}))
     assert not plain.unlearn_restore_target and plain.unlearn_cap == 1.0
-    restored = fusion_settings(ExperimentConfig.from_run_config(
-        {"bounds-overrule-cap": 0.15, "distill-unlearn-restore-target": True}))
-    assert restored.unlearn_restore_target and restored.unlearn_cap == 0.15
-    assert restored.requested_per_class == 1000  # syn-per-class
 
 
 def test_lifting_the_bounds_needs_a_client_attack():
