@@ -106,8 +106,9 @@ def run_simulation(run_config: dict[str, Any], num_supernodes: int = 10,
                "--federation-config", federation_config(num_supernodes, cpus_per_client)]
     log = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed below
     try:
-        return subprocess.run(command, env=full_env, stdout=log, stderr=subprocess.STDOUT
+        code = subprocess.run(command, env=full_env, stdout=log, stderr=subprocess.STDOUT
                               if log else None, check=False).returncode
+        return checked_exit_code(code, command[0], full_env, log)
     finally:
         stop_processes_under(str(flwr_home))
         if log:
@@ -240,8 +241,43 @@ class Deployment:
         overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
         command = [str(self._bin / "flwr"), "run", str(app_dir), "deployment",
                    "--run-config", str(overrides), "--stream"]
-        return subprocess.run(command, env=self.env, stdout=self._log,
+        earlier = set(run_records(command[0], self.env))
+        code = subprocess.run(command, env=self.env, stdout=self._log,
                               stderr=subprocess.STDOUT, check=False).returncode
+        return checked_exit_code(code, command[0], self.env, self._log, earlier)
+
+
+def run_records(flwr: str, env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """`flwr ls --format json` on the default connection: run id -> its record."""
+    result = subprocess.run([flwr, "ls", "--format", "json"], env=env, text=True,
+                            capture_output=True, check=False, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"flwr ls failed: {result.stdout}{result.stderr}")
+    return {run["run-id"]: run for run in _last_json(result.stdout)["runs"]}
+
+
+def checked_exit_code(code: int, flwr: str, env: dict[str, str], log: IO[str] | None,
+                      earlier: set[str] = frozenset()) -> int:
+    """`flwr run`'s exit code, or 1 where a run it started did not complete.
+
+    `flwr run --stream` exits 0 once the log stream ends, also when the ServerApp failed;
+    the SuperLink's run record says how the run ended (`earlier`: runs not ours). Why a
+    run failed goes to `log` (stderr without one).
+    """
+    if code != 0:
+        return code
+    try:
+        records = run_records(flwr, env)
+    except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as err:
+        problems = [f"cannot tell how the run ended: {err}"]
+    else:
+        runs = [run for run_id, run in records.items() if run_id not in earlier]
+        problems = [f"run {run['run-id']} ended {run['status']}: {run['status-details']}"
+                    for run in runs if run["status"] != "finished:completed"
+                    ] if runs else ["the SuperLink lists no run"]
+    for problem in problems:
+        print(f"fmfl: Flower {problem}", file=log or sys.stderr, flush=True)
+    return 1 if problems else 0
 
 
 def _last_json(text: str) -> dict[str, Any]:

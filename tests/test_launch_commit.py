@@ -7,6 +7,7 @@ worktree's. `run_simulation` passes it to the Flower processes as FMFL_GIT_COMMI
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def test_simulation_env_names_the_app_folders_commit(
         """Record `flwr run`'s environment instead of starting Flower; git runs for real."""
         if Path(command[0]).name != "flwr":
             return real_run(command, *args, **kwargs)
+        if command[1] == "ls":  # the run's record: completed
+            return subprocess.CompletedProcess(command, 0, stdout=json.dumps({"runs": [
+                {"run-id": "1", "status": "finished:completed", "status-details": ""}]}))
         seen.update(kwargs["env"])
         return subprocess.CompletedProcess(command, 0)
 
