@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import IO, Any
 
@@ -257,7 +258,7 @@ def run_records(flwr: str, env: dict[str, str]) -> dict[str, dict[str, Any]]:
 
 
 def checked_exit_code(code: int, flwr: str, env: dict[str, str], log: IO[str] | None,
-                      earlier: set[str] = frozenset()) -> int:
+                      earlier: Collection[str] = ()) -> int:
     """`flwr run`'s exit code, or 1 where a run it started did not complete.
 
     `flwr run --stream` exits 0 once the log stream ends, also when the ServerApp failed;
