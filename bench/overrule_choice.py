@@ -75,9 +75,9 @@ from fmfl_flwr.defense.objectives import (
     top_class_share,
 )
 from fmfl_flwr.defense.steps import round_subset
+from fmfl_flwr.ensemble import ensemble_logits
 from fmfl_flwr.fusion import (
     Fusion,
-    ensemble_logits,
     flipped_from_target,
     suspected_poison,
 )
@@ -280,10 +280,15 @@ def main() -> None:
         starts (the clients, their bounds, or the fusion)."""
         keep = val_y != config.target_label
         found = {}
+
+        def client_models(used):
+            return (load_state_with_bounds(model_fn(), s) for s in used)
+
         for name, used in (("ensemble", states), ("ensemble-unbounded",
                                                    [strip_bounds(s) for s in states])):
-            clean = ensemble_logits(model_fn(), used, val_x).argmax(1)
-            triggered = ensemble_logits(model_fn(), used, trigger.stamp(val_x[keep])).argmax(1)
+            clean = ensemble_logits(client_models(used), val_x)[0].argmax(1)
+            triggered = ensemble_logits(client_models(used),
+                                        trigger.stamp(val_x[keep]))[0].argmax(1)
             found[f"{name}-acc"] = (clean == val_y).float().mean().item()
             found[f"{name}-asr"] = (triggered == config.target_label).float().mean().item()
         return found

@@ -30,8 +30,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fmfl_flwr.defense.bounds import bound_keys, bounds_disabled, ensure_bounds_for_state
+from fmfl_flwr.defense.bounds import (
+    bound_keys,
+    bounds_disabled,
+    ensure_bounds_for_state,
+    load_state_with_bounds,
+)
 from fmfl_flwr.defense.objectives import most_suspect
+from fmfl_flwr.ensemble import ensemble_logits
 from fmfl_flwr.training import (
     default_device,
     logits_and_features,
@@ -73,20 +79,6 @@ def pretrain(model: nn.Module, syn_x: torch.Tensor, syn_y: torch.Tensor,
         train_epochs(model, syn_x, syn_y, settings.pretrain_epochs, settings.batch_size,
                      lr=PRETRAIN_LR, seed=settings.seed, on_epoch=on_epoch,
                      lr_schedule=settings.pretrain_lr_schedule)
-
-
-def ensemble_logits(model: nn.Module, client_states: list[StateDict],
-                    images: torch.Tensor) -> torch.Tensor:
-    """Mean logits of the client models on `images` (loaded one at a time into `model`).
-
-    States carrying activation bounds are used as served, bounds on.
-    """
-    total = None
-    for state in client_states:
-        ensure_bounds_for_state(model, state).load_state_dict(state)
-        logits = predict_logits(model, images)
-        total = logits if total is None else total + logits
-    return total / len(client_states)
 
 
 def relabel_disputed(labels: torch.Tensor, teacher_logits: torch.Tensor, target: int,
@@ -303,14 +295,17 @@ class Fusion:
 
     def __call__(self, server_round: int, state: StateDict, client_states: list[StateDict],
                  weights: list[float]) -> StateDict:
-        model = self.model_fn()
-        self.last_ensemble_logits = ensemble_logits(model, client_states, self.syn_x)
-        if self.settings.epochs == 0:
+        teachers = (load_state_with_bounds(self.model_fn(), s) for s in client_states)
+        self.last_ensemble_logits, left_out = ensemble_logits(teachers, self.syn_x)
+        stats: dict[str, float] = {"teachers-left-out": float(left_out)} if left_out else {}
+        if self.settings.epochs == 0 or self.last_ensemble_logits is None:
+            if stats:  # no finite teacher: the aggregate goes on unfused
+                self.history.append({"round": float(server_round), **stats})
             return state
+        model = self.model_fn()
         ensure_bounds_for_state(model, state).load_state_dict(state)
         uses_target = self.settings.relabel_target or self.settings.unlearn_poison
         target = self.target_source() if uses_target else None
-        stats: dict[str, float] = {}
         labels = self._labels(target, stats)
         unlearn = self._suspects(state, target, stats)
         self.unlearned_share = stats.get("unlearned-share", 0.0)

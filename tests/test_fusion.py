@@ -12,7 +12,6 @@ from fmfl_flwr.fusion import (
     Fusion,
     FusionSettings,
     distill,
-    ensemble_logits,
     pretrain,
     relabel_disputed,
 )
@@ -28,14 +27,6 @@ def _data(n=120, seed=0):
     x = torch.rand(n, 1, 2, 2, generator=g)
     y = (x.flatten(1).sum(1) * 3 / 4).long().clamp(max=2)
     return x, y
-
-
-def test_ensemble_logits_are_the_mean_of_clients():
-    x, _ = _data(10)
-    a, b = _tiny(), _tiny()
-    expected = (predict_logits(a, x) + predict_logits(b, x)) / 2
-    got = ensemble_logits(_tiny(), [a.state_dict(), b.state_dict()], x)
-    assert torch.allclose(got, expected, atol=1e-6)
 
 
 def test_distillation_with_alpha_zero_pulls_the_student_to_the_teacher():
@@ -109,6 +100,38 @@ def test_fusion_step_is_deterministic_and_keeps_the_ensemble():
     second = Fusion(_tiny, x, y, FusionSettings(epochs=2, seed=3))(1, start, clients, [1, 1, 1])
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert any(not torch.equal(first[k], start[k]) for k in first)
+
+
+def _normed() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                         nn.Linear(8, 3))
+
+
+def _negative_variance(state: dict) -> dict:
+    """A reply whose BatchNorm variance went negative (a boosted update): NaN outputs."""
+    return {**state, "2.running_var": -torch.ones(8)}
+
+
+def test_fusion_leaves_out_a_client_model_with_non_finite_outputs():
+    torch.manual_seed(0)
+    x, y = _data()
+    start, clients = _normed().state_dict(), [_normed().state_dict() for _ in range(3)]
+    fusion = Fusion(_normed, x, y, FusionSettings(epochs=2, seed=3))
+    fused = fusion(1, start, [*clients[:2], _negative_variance(clients[2])], [1.0] * 3)
+    assert all(torch.isfinite(v).all() for v in fused.values() if v.is_floating_point())
+    assert fusion.history[-1] == {"round": 1.0, "teachers-left-out": 1.0}
+    honest = Fusion(_normed, x, y, FusionSettings(epochs=2, seed=3))(1, start, clients[:2],
+                                                                      [1.0] * 2)
+    assert all(torch.equal(fused[k], honest[k]) for k in fused)  # as if it had not replied
+
+
+def test_fusion_without_a_finite_teacher_keeps_the_aggregate():
+    x, y = _data()
+    start, broken = _normed().state_dict(), _negative_variance(_normed().state_dict())
+    fusion = Fusion(_normed, x, y, FusionSettings(epochs=2, seed=3))
+    assert fusion(1, start, [broken, broken], [1.0, 1.0]) is start
+    assert fusion.last_ensemble_logits is None
+    assert fusion.history[-1]["teachers-left-out"] == 2.0
 
 
 def test_distillation_through_bounds_or_not():

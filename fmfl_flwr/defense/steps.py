@@ -21,8 +21,8 @@ from torch import nn
 from fmfl_flwr.defense.bounds import attach_bounds, load_state_with_bounds
 from fmfl_flwr.defense.optimise import BoundSettings, optimise_bounds
 from fmfl_flwr.defense.pruning import prune_dormant
+from fmfl_flwr.ensemble import ensemble_logits
 from fmfl_flwr.registry import Registry
-from fmfl_flwr.training import predict_logits
 
 StateDict = dict[str, torch.Tensor]
 ServerStep = Callable[[int, StateDict, list[StateDict], list[float]], StateDict]
@@ -34,17 +34,6 @@ DEFENSES.add("none", None)
 def load_bounded(build_model: Callable[[], nn.Module], state: StateDict) -> nn.Module:
     """A fresh model carrying `state`, bounds included where the state has them."""
     return load_state_with_bounds(build_model(), state).eval()
-
-
-def ensemble_logits(
-    build_model: Callable[[], nn.Module], client_states: list[StateDict], images: torch.Tensor
-) -> torch.Tensor:
-    """Mean of the client models' logits (FedDF's teacher), each as served (bounds on)."""
-    logits = [
-        predict_logits(load_bounded(build_model, s), images, device=torch.device("cpu"))
-        for s in client_states
-    ]
-    return torch.stack(logits).mean(0)
 
 
 def round_subset(num_samples: int, settings: BoundSettings, server_round: int) -> torch.Tensor:
@@ -124,7 +113,8 @@ class BoundsStep:
             if shared is not None and len(shared) == len(self.images):
                 teacher = shared[subset]
             elif client_states:
-                teacher = ensemble_logits(self.build_model, client_states, images)
+                teacher, _ = ensemble_logits(
+                    (load_bounded(self.build_model, s) for s in client_states), images)
         unlearned = self.trust_source() if self.trust_source is not None else 0.0
         settings = settings_after_unlearning(self.settings, unlearned, self.gate_finding)
         settings = replace(settings, gate_classes=self.nameable_classes(server_round))
