@@ -273,7 +273,8 @@ def checked_exit_code(code: int, flwr: str, env: dict[str, str], log: IO[str] | 
         problems = [f"cannot tell how the run ended: {err}"]
     else:
         runs = [run for run_id, run in records.items() if run_id not in earlier]
-        problems = [f"run {run['run-id']} ended {run['status']}: {run['status-details']}"
+        problems = [f"run {run['run-id']} ended {run['status']}: "
+                    f"{run.get('status-details') or 'no reason given'}"
                     for run in runs if run["status"] != "finished:completed"
                     ] if runs else ["the SuperLink lists no run"]
     for problem in problems:

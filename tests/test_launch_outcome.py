@@ -44,6 +44,13 @@ def test_a_failed_run_gives_one_and_logs_why(monkeypatch: pytest.MonkeyPatch) ->
     assert "run 7 ended finished:failed: Simulation failed: boom" in log.getvalue()
 
 
+def test_a_failed_run_without_details_still_gives_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_ls(monkeypatch, [{"run-id": "7", "status": "finished:stopped"}])
+    log = io.StringIO()
+    assert launch.checked_exit_code(0, "flwr", {}, log) == 1
+    assert "run 7 ended finished:stopped: no reason given" in log.getvalue()
+
+
 def test_only_the_new_run_counts_on_a_shared_superlink(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_ls(monkeypatch, [record("1", "finished:failed"), record("2", "finished:completed")])
     assert launch.checked_exit_code(0, "flwr", {}, io.StringIO(), earlier={"1"}) == 0
