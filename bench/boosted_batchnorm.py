@@ -1,10 +1,12 @@
-"""Why a boosted ResNet-18 reply breaks fusion's teacher: BatchNorm variance below 0.
+"""Does a boosted ResNet-18 reply stay a working model? BatchNorm variance below 0.
 
-Model replacement sends global + boost * (local - global) on every floating-point tensor,
-BatchNorm's running variance included. Where one local epoch lowers a variance by more
-than 1/boost of itself, the boosted variance is negative, and the model's outputs are
-NaN: finite weights that pass the server's checks, one non-finite teacher in fusion
-(docs/defense.md, "CIFAR-10 model replacement, and fusion's broken teachers").
+Up to stop 57 model replacement sent global + boost * (local - global) on every
+floating-point tensor, BatchNorm's running variance included. Where one local epoch
+lowered a variance by more than 1/boost of itself, the boosted variance was negative and
+the model's outputs NaN: finite weights that pass the server's checks, one non-finite
+teacher in fusion (docs/defense.md, "CIFAR-10 model replacement, and fusion's broken
+teachers"). Since stop 58 `boost_update` sends the running statistics unboosted; this
+counts the variances below 0 and the non-finite logits of one boosted reply.
 
     python bench/boosted_batchnorm.py results/c57-scaling-iid-s1/scaling-iid-none \
         --out bench/results/boosted_batchnorm.json

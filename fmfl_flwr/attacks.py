@@ -77,15 +77,22 @@ def poison_samples(images: torch.Tensor, labels: torch.Tensor, trigger: Trigger,
     return images, labels, chosen
 
 
+RUNNING_STATISTICS = (".running_mean", ".running_var")
+
+
 def boost_update(global_state: dict[str, torch.Tensor], local_state: dict[str, torch.Tensor],
                  boost: float, norm_bound: float = 0.0) -> dict[str, torch.Tensor]:
     """Model replacement: global + boost * (local - global) on floating-point tensors.
 
+    BatchNorm's running statistics are sent as the local model measured them: they are
+    estimates, not a learnt update, and a boosted variance falls below 0 wherever local
+    training lowered it by more than 1/boost, which makes every output NaN (stop 57).
+    Averaged with the other replies they stay close to the replaced model's own.
     With `norm_bound` > 0 the boosted update is scaled down to that L2 norm, the
     constrained variant that slips under norm clipping.
     """
     deltas = {k: (local_state[k] - global_state[k]) * boost for k, v in local_state.items()
-              if v.is_floating_point()}
+              if v.is_floating_point() and not k.endswith(RUNNING_STATISTICS)}
     if norm_bound > 0:
         norm = torch.sqrt(sum((d.double() ** 2).sum() for d in deltas.values())).item()
         if norm > norm_bound:

@@ -93,6 +93,24 @@ def test_boost_scales_update_and_respects_norm_bound():
     assert bounded["w"].norm().item() == pytest.approx(1.0)
 
 
+def test_a_boosted_resnet_keeps_its_running_statistics_and_finite_outputs():
+    torch.manual_seed(0)
+    model = build_model("resnet18", "cifar10", 10, 4)
+    g = {k: v.clone() for k, v in model.state_dict().items()}
+    local = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in g.items()}
+    for key in local:
+        if key.endswith("running_var"):  # a local epoch that halved every variance
+            local[key] = g[key] * 0.5
+    boosted = attacks.boost_update(g, local, 5.0)
+    stats = [k for k in g if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(boosted[k], local[k]) for k in stats)
+    weight = "conv1.weight"
+    assert torch.allclose(boosted[weight], g[weight] + 5 * (local[weight] - g[weight]))
+    model.load_state_dict(boosted)
+    assert torch.isfinite(model.eval()(torch.rand(4, 3, 32, 32))).all()
+
+
 def test_default_boost_is_n_over_m():
     config = ExperimentConfig.from_run_config({"client-attack": "scaling",
                                                "malicious-fraction": 0.2})
